@@ -1,0 +1,214 @@
+"""Building blocks of the UNet family, with diffusers' state-dict names.
+
+Everything here works on frames flattened into the batch: (b*f, c, h, w) images or (b*f, n, c)
+tokens. Per-frame GroupNorm (Moore's "inflated" norm) is therefore plain GroupNorm, and the 2D UNet,
+the ReferenceNet and the denoising UNet share one implementation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import attention as attn_math
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of diffusers' `get_timestep_embedding`.  t (b,) -> (b, dim) fp32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    exponent = exponent / (half - freq_shift)
+    emb = t[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        # x (n, c, h, w), temb (n, temb_ch): the time embedding, one row per frame.
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, padding: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # Nearest x2; `size` forces the skip connection's size when the input was not a multiple of 2**levels.
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # upsample_nearest2d has no bf16 kernel on some builds
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None \
+            else F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class Attention(nn.Module):
+    """diffusers `Attention` names: to_q/to_k/to_v without bias, to_out.0 with bias."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        kv_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(kv_dim, dim, bias=False)
+        self.to_v = nn.Linear(kv_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        out = attn_math.attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+@dataclass
+class ReferenceState:
+    """What the spatial transformer blocks need to know about the reference in one UNet call.
+
+    - `kv`: the reference K/V cache, one (k, v) pair (1, m, c) per transformer block, or None.
+    - `runs`: (start, stop, use_reference) over the flattened frame rows, so that the uncond rows
+      run plain self-attention and never touch the reference (Moore semantics).
+    - `bank`: when not None, blocks append their norm1 output (the ReferenceNet's "write" mode).
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    runs: list[tuple[int, int, bool]] = field(default_factory=list)
+    bank: list[torch.Tensor] | None = None
+    bank_limit: int | None = None
+
+    @staticmethod
+    def row_runs(use_reference: list[bool] | tuple[bool, ...], frames: int) -> list[tuple[int, int, bool]]:
+        runs, start = [], 0
+        for flag, group in groupby(use_reference):
+            n = len(list(group)) * frames
+            runs.append((start, start + n, bool(flag)))
+            start += n
+        return runs
+
+
+class BankComplete(Exception):
+    """Raised by the last recording block: the ReferenceNet needs nothing after its last bank."""
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (layer norm, GEGLU) with reference attention in attn1."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, index: int):
+        super().__init__()
+        self.index = index  # position among the UNet's transformer blocks: the bank/K/V slot
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def self_attention(self, x: torch.Tensor, ref: ReferenceState | None) -> torch.Tensor:
+        # x (n, L, c) = norm1 output of n frames.
+        a = self.attn1
+        q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
+        if ref is None or ref.kv is None:
+            return a.to_out[0](attn_math.attention(q, k, v, a.heads))
+        k_ref, v_ref = ref.kv[self.index]
+        outs = []
+        for start, stop, use in ref.runs or [(0, x.shape[0], True)]:
+            qs, ks, vs = q[start:stop], k[start:stop], v[start:stop]
+            if use:
+                outs.append(attn_math.reference_attention(qs, ks, vs, k_ref, v_ref, a.heads))
+            else:
+                outs.append(attn_math.attention(qs, ks, vs, a.heads))
+        return a.to_out[0](outs[0] if len(outs) == 1 else torch.cat(outs, dim=0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
+        # x (n, L, c) tokens, context (n, S, context_dim)
+        h = self.norm1(x)
+        if ref is not None and ref.bank is not None:
+            ref.bank.append(h)
+            if ref.bank_limit is not None and len(ref.bank) >= ref.bank_limit:
+                raise BankComplete
+        x = x + self.self_attention(h, ref)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel with conv (1x1) projections, one block deep (SD1.5)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, index: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim, index)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
+        # x (n, c, h, w) -> (n, c, h, w)
+        n, c, hh, ww = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+        for block in self.transformer_blocks:
+            h = block(h, context, ref)
+        h = h.reshape(n, hh, ww, c).permute(0, 3, 1, 2)
+        return self.proj_out(h.contiguous()) + x

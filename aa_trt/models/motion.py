@@ -1,0 +1,111 @@
+"""AnimateDiff "Vanilla" motion module (Moore's key names): attention over the frame axis.
+
+Tokens stay in the temporal layout (b*h*w, f, c) from proj_in to proj_out: every op but the
+attention is token-wise, so Moore's rearranges between (b f) d c and (b d) f c are not needed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import attention as attn_math
+from .layers import FeedForward
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """AnimateDiff's PositionalEncoding table (1, max_len, dim): sin on even, cos on odd channels."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, max_len, dim)
+    pe[0, :, 0::2] = torch.sin(pos * div)
+    pe[0, :, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        # Persistent: Moore's motion_module.pth stores it.
+        self.register_buffer("pe", sinusoidal_table(max_len, dim))
+
+    def forward(self, x):  # x (n, f, c)
+        if x.shape[1] > self.pe.shape[1]:
+            raise ValueError(f"temporal window of {x.shape[1]} frames exceeds the motion modules' "
+                             f"maximum of {self.pe.shape[1]}")
+        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+
+
+class TemporalAttention(nn.Module):
+    """VersatileAttention in "Temporal" mode: self-attention over frames, positions added first."""
+
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.pos_encoder = PositionalEncoding(dim, max_len)
+
+    def forward(self, x):  # x (b*h*w, f, c)
+        x = self.pos_encoder(x)
+        out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
+        return self.to_out[0](out)
+
+
+class TemporalTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, n_attn: int, max_len: int):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(n_attn)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(n_attn)])
+        self.ff = FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x (b*h*w, f, c)
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            x = x + attn(norm(x))
+        return x + self.ff(self.ff_norm(x))
+
+
+class TemporalTransformer(nn.Module):
+    def __init__(self, ch: int, heads: int, n_blocks: int, n_attn: int, max_len: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.transformer_blocks = nn.ModuleList(
+            [TemporalTransformerBlock(ch, heads, n_attn, max_len) for _ in range(n_blocks)])
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # x (b*f, c, h, w) -> (b*f, c, h, w). GroupNorm per frame, as Moore/AnimateDiff do.
+        bf, c, hh, ww = x.shape
+        b = bf // frames
+        h = self.norm(x)
+        # (b, f, c, h, w) -> (b, h, w, f, c) -> (b*h*w, f, c)
+        h = h.view(b, frames, c, hh * ww).permute(0, 3, 1, 2).reshape(b * hh * ww, frames, c)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h)
+        h = self.proj_out(h)
+        h = h.view(b, hh, ww, frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, hh, ww)
+        return h + x
+
+
+class MotionModule(nn.Module):
+    """`motion_modules.N` in Moore's files: a wrapper holding `temporal_transformer`."""
+
+    def __init__(self, ch: int, heads: int, n_blocks: int = 1, n_attn: int = 2, max_len: int = 32,
+                 groups: int = 32):
+        super().__init__()
+        self.temporal_transformer = TemporalTransformer(ch, heads, n_blocks, n_attn, max_len, groups)
+
+    def forward(self, x, frames: int):
+        return self.temporal_transformer(x, frames)
+
+    def zero_init(self):
+        """AnimateDiff initialises proj_out to zero so a new module starts as the identity."""
+        nn.init.zeros_(self.temporal_transformer.proj_out.weight)
+        nn.init.zeros_(self.temporal_transformer.proj_out.bias)

@@ -1,0 +1,218 @@
+"""The UNet family: SD1.5's 2D UNet, the ReferenceNet, and the denoising UNet with motion modules.
+
+One class, three roles, diffusers/Moore state-dict names throughout:
+- `UNet(cfg)`: diffusers' UNet2DConditionModel (the oracle tests compare them);
+- `UNet(cfg, with_output=False)`: Moore's ReferenceNet (no conv_norm_out/conv_out); `reference_bank`
+  records the norm1 output of each spatial transformer block;
+- `UNet(cfg, motion)`: Moore's denoising UNet3DConditionModel: per-frame GroupNorm (frames live in
+  the batch), PoseGuider features added after conv_in, motion modules after each resnet(+attention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MotionConfig, UNetConfig
+from .layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
+                     TimestepEmbedding, TransformerBlock, Upsample, timestep_embedding)
+from .motion import MotionModule
+
+
+class _Counter:
+    """Hands out transformer-block indices in execution order (down, mid, up)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n - 1
+
+
+def _motion(ch: int, m: MotionConfig) -> MotionModule:
+    return MotionModule(ch, m.num_heads, m.num_transformer_blocks, m.num_attention_blocks,
+                        m.max_len, m.norm_num_groups)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, temb_ch, cfg: UNetConfig, has_attn, add_down, motion, counter):
+        super().__init__()
+        n = cfg.layers_per_block
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_ch if j == 0 else out_ch, out_ch, temb_ch, g, eps) for j in range(n)])
+        if has_attn:
+            self.attentions = nn.ModuleList(
+                [SpatialTransformer(out_ch, cfg.num_heads, cfg.cross_attention_dim, g, counter())
+                 for _ in range(n)])
+        else:
+            self.attentions = None
+        if motion is not None:
+            self.motion_modules = nn.ModuleList([_motion(out_ch, motion) for _ in range(n)])
+        else:
+            self.motion_modules = None
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if add_down else None
+
+    def forward(self, x, temb, context, frames, ref):
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context, ref)
+            if self.motion_modules is not None:
+                x = self.motion_modules[j](x, frames)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, temb_ch, cfg: UNetConfig, motion, counter):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(ch, cfg.num_heads, cfg.cross_attention_dim, g, counter())])
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_ch, g, eps) for _ in range(2)])
+        self.motion_modules = nn.ModuleList([_motion(ch, motion)]) if motion is not None else None
+
+    def forward(self, x, temb, context, frames, ref):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, ref)
+        if self.motion_modules is not None:
+            x = self.motion_modules[0](x, frames)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, cfg: UNetConfig, has_attn, add_up, motion,
+                 counter):
+        super().__init__()
+        n = cfg.layers_per_block + 1
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        resnets = []
+        for j in range(n):
+            skip_ch = in_ch if j == n - 1 else out_ch
+            res_in = prev_ch if j == 0 else out_ch
+            resnets.append(ResnetBlock(res_in + skip_ch, out_ch, temb_ch, g, eps))
+        self.resnets = nn.ModuleList(resnets)
+        if has_attn:
+            self.attentions = nn.ModuleList(
+                [SpatialTransformer(out_ch, cfg.num_heads, cfg.cross_attention_dim, g, counter())
+                 for _ in range(n)])
+        else:
+            self.attentions = None
+        self.motion_modules = nn.ModuleList([_motion(out_ch, motion) for _ in range(n)]) \
+            if motion is not None else None
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_up else None
+
+    def forward(self, x, skips, temb, context, frames, ref, up_size=None):
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context, ref)
+            if self.motion_modules is not None:
+                x = self.motion_modules[j](x, frames)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, up_size)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig, motion: MotionConfig | None = None, with_output: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.motion_cfg = motion
+        boc = cfg.block_out_channels
+        temb_ch = cfg.time_embed_dim
+        counter = _Counter()
+        self.conv_in = nn.Conv2d(cfg.in_channels, boc[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(boc[0], temb_ch)
+
+        self.down_blocks = nn.ModuleList()
+        out_ch = boc[0]
+        for i, has_attn in enumerate(cfg.down_block_attention):
+            in_ch, out_ch = out_ch, boc[i]
+            mm = motion if motion is not None and motion.down_enabled(i) else None
+            self.down_blocks.append(
+                DownBlock(in_ch, out_ch, temb_ch, cfg, has_attn, i < len(boc) - 1, mm, counter))
+
+        mm = motion if motion is not None and motion.mid_block else None
+        self.mid_block = MidBlock(boc[-1], temb_ch, cfg, mm, counter)
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(boc))
+        out_ch = rev[0]
+        for i, has_attn in enumerate(cfg.up_block_attention):
+            prev_ch, out_ch = out_ch, rev[i]
+            in_ch = rev[min(i + 1, len(boc) - 1)]
+            mm = motion if motion is not None and motion.up_enabled(i) else None
+            self.up_blocks.append(UpBlock(in_ch, prev_ch, out_ch, temb_ch, cfg, has_attn,
+                                          i < len(boc) - 1, mm, counter))
+
+        if with_output:
+            self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps)
+            self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
+        else:
+            self.conv_norm_out = None
+            self.conv_out = None
+        self.num_transformer_blocks = counter.n
+
+    # ------------------------------------------------------------------ structure
+    def transformer_blocks(self) -> list[TransformerBlock]:
+        """Spatial transformer blocks by index (execution order): the bank / K/V slots."""
+        blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
+        return sorted(blocks, key=lambda b: b.index)
+
+    def motion_modules(self) -> list[MotionModule]:
+        return [m for m in self.modules() if isinstance(m, MotionModule)]
+
+    # ------------------------------------------------------------------ forward
+    def time_embed(self, timestep, batch: int, frames: int, device, dtype) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t[None]
+        t = t.expand(batch)
+        emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                 self.cfg.freq_shift).to(dtype)
+        emb = self.time_embedding(emb)  # (b, temb)
+        return emb.repeat_interleave(frames, dim=0) if frames > 1 else emb
+
+    def forward(self, x: torch.Tensor, timestep, context: torch.Tensor, *, frames: int = 1,
+                pose: torch.Tensor | None = None, ref: ReferenceState | None = None) -> torch.Tensor:
+        """x (b*f, c_in, h, w); timestep scalar or (b,); context (b, S, D) or (b*f, S, D);
+        pose (b*f, C0, h, w) or None  ->  (b*f, c_out, h, w), or the last features without conv_out."""
+        n = x.shape[0]
+        b = n // frames
+        temb = self.time_embed(timestep, b, frames, x.device, x.dtype)
+        if context.shape[0] != n:
+            context = context.repeat_interleave(frames, dim=0)
+
+        h = self.conv_in(x)
+        if pose is not None:
+            h = h + pose
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, temb, context, frames, ref)
+            skips.extend(s)
+        h = self.mid_block(h, temb, context, frames, ref)
+        for i, block in enumerate(self.up_blocks):
+            k = len(block.resnets)
+            block_skips, skips = skips[-k:], skips[:-k]
+            up_size = skips[-1].shape[-2:] if skips else None
+            h = block(h, block_skips, temb, context, frames, ref, up_size)
+        if self.conv_out is None:
+            return h
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def reference_bank(self, x: torch.Tensor, timestep, context: torch.Tensor) -> list[torch.Tensor]:
+        """ReferenceNet mode: the norm1 output of every transformer block, (b, L_i, C_i) each.
+        Stops right after the last block's norm1: nothing later reaches the denoising UNet."""
+        state = ReferenceState(bank=[], bank_limit=self.num_transformer_blocks)
+        try:
+            self.forward(x, timestep, context, ref=state)
+        except BankComplete:
+            pass
+        return state.bank

@@ -1,0 +1,31 @@
+"""Shared test utilities: random (never zero) weights, fixture paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+FIXTURE = Path(os.environ.get("AA_TRT_FIXTURE",
+                              Path(__file__).resolve().parents[1].parent / "shared/fixtures/moore_tiny"))
+MOORE_KEYS = FIXTURE.parent.parent / "reference/moore_keys"
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    """Overwrite every parameter with random values of a sensible size (zero-initialised output
+    layers included), so that a comparison can fail on any weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * scale / fan_in**0.5)
+            elif name.endswith("weight"):  # norms
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def max_abs(a, b) -> float:
+    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
