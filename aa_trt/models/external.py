@@ -1,0 +1,50 @@
+"""The two submodels taken from other libraries: diffusers' AutoencoderKL, transformers' CLIP."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+_CLIP_DROP = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
+              "model_type", "_attn_implementation_autoset", "id2label", "label2id"}
+
+
+def vae_kwargs(cfg: dict) -> dict:
+    """Only the AutoencoderKL constructor's own arguments (a saved config also has `_class_name`...)."""
+    from diffusers import AutoencoderKL
+
+    names = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+    return {k: v for k, v in cfg.items() if k in names}
+
+
+def clip_kwargs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in _CLIP_DROP and not k.startswith("_")}
+
+
+def build_vae(cfg: dict) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**vae_kwargs(cfg))
+
+
+def build_clip(cfg: dict) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(**clip_kwargs(cfg))
+    config._attn_implementation = "sdpa"
+    return CLIPVisionModelWithProjection(config)
+
+
+def restore_nonpersistent_buffers(module: nn.Module, device) -> None:
+    """Models built on the meta device keep their non-persistent buffers there; rebuild the known
+    ones (CLIP's position_ids) and refuse anything else rather than compute with meta tensors."""
+    for mod_name, mod in module.named_modules():
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "position_ids":
+                mod.register_buffer(name, torch.arange(buf.shape[-1], device=device).expand(buf.shape),
+                                    persistent=False)
+            else:
+                raise RuntimeError(f"buffer {mod_name}.{name} was not restored after meta loading")

@@ -1,0 +1,207 @@
+"""Animator: reference image + rendered poses -> video frames, Moore-exact.
+
+Data flows one way: images -> conditioning (CLIP embedding, reference latent, reference K/V cache,
+pose features; once per video) -> denoise (sampling.py) -> decode. Each stage's tensors carry their
+shapes in the comments at its boundary.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Models, load_checkpoint
+from .errors import InputError
+from .models.layers import ReferenceState
+from .models.reference_kv import ReferenceKV, compute_reference_kv
+from .sampling import context_windows, ddim_schedule, sample_ddim, windowed_guidance
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Conditioning:
+    """Everything computed once per video."""
+
+    clip_embeds: torch.Tensor    # (1, D) CLIP image_embeds of the reference
+    ref_latent: torch.Tensor     # (1, 4, h, w) VAE mean x latent_scale
+    reference_kv: ReferenceKV    # per transformer block (k, v) (1, L, C)
+    pose_features: torch.Tensor  # (N, C0, h, w) PoseGuider output, frames first
+    width: int
+    height: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.pose_features.shape[0]
+
+
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    # The SD VAE overflows in fp16 (diffusers' force_upcast); it runs in fp32 then.
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    # diffusers' VaeImageProcessor (what Moore's pipeline uses) resizes with Lanczos.
+    return img if img.size == (width, height) else img.resize((width, height), Image.LANCZOS)
+
+
+class Animator:
+    def __init__(self, models: Models, device="cpu", dtype: torch.dtype = torch.float32):
+        self.models = models
+        self.config = models.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype_for(dtype)
+        self.last_seed: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32) -> "Animator":
+        models = load_checkpoint(Path(path), device=device, dtype=dtype,
+                                 component_dtypes={"vae": vae_dtype_for(dtype)})
+        return cls(models, device, dtype)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_clip(self, ref_image: Image.Image) -> torch.Tensor:
+        """(1, D) image_embeds. Moore: PIL bicubic resize to 224x224, then CLIP's rescale/normalise."""
+        size = self.config.clip.get("image_size", 224)
+        img = ref_image.convert("RGB").resize((size, size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        x = x.permute(2, 0, 1)[None].to(self.device, self.dtype)
+        return self.models.image_encoder(pixel_values=x).image_embeds
+
+    @torch.no_grad()
+    def encode_reference(self, ref_image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """(1, 4, H/8, W/8): the VAE posterior mean of the reference at the output size."""
+        img = _resize(ref_image.convert("RGB"), width, height)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0 * 2.0 - 1.0)
+        x = x.permute(2, 0, 1)[None].to(self.device, self.vae_dtype)
+        mean = self.models.vae.encode(x).latent_dist.mean
+        return (mean * self.config.latent_scale).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_poses(self, poses: np.ndarray, chunk: int = 16) -> torch.Tensor:
+        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/8, W/8), u8/255 as Moore."""
+        out = []
+        for s in range(0, len(poses), chunk):
+            x = torch.from_numpy(np.ascontiguousarray(poses[s:s + chunk])).to(self.device)
+            x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            out.append(self.models.pose_guider(x))
+        return torch.cat(out)
+
+    def prepare(self, ref_image: Image.Image, poses: np.ndarray, width: int | None = None,
+                height: int | None = None) -> Conditioning:
+        poses = _check_poses(poses)
+        n, ph, pw, _ = poses.shape
+        width = (width or pw) // 8 * 8
+        height = (height or ph) // 8 * 8
+        if width < 8 or height < 8:
+            raise InputError(f"output size {width}x{height} is too small (at least 8x8)")
+        if (pw, ph) != (width, height):
+            poses = np.stack([np.asarray(_resize(Image.fromarray(p), width, height)) for p in poses])
+        clip = self.encode_clip(ref_image)
+        ref_latent = self.encode_reference(ref_image, width, height)
+        kv = compute_reference_kv(self.models.reference_unet, self.models.denoising_unet, ref_latent,
+                                  clip[:, None], self.config.bank_dtype)
+        return Conditioning(clip, ref_latent, kv, self.encode_poses(poses), width, height)
+
+    # ------------------------------------------------------------------ denoising
+    def unet_step(self, cond: Conditioning):
+        """The per-window step for `windowed_guidance`: uncond rows without reference attention
+        and with a zero CLIP context, cond rows with both; every row gets its pose features."""
+        unet = self.models.denoising_unet
+        clip = cond.clip_embeds[:, None].to(self.dtype)  # (1, 1, D)
+
+        @torch.no_grad()
+        def step(x_win: torch.Tensor, t: int, windows: list[list[int]], branches) -> torch.Tensor:
+            # x_win (k, c, F, h, w) -> (len(branches) * k, c, F, h, w)
+            k, c, f, h, w = x_win.shape
+            nb = len(branches)
+            x = x_win.permute(0, 2, 1, 3, 4).reshape(k * f, c, h, w).to(self.dtype)
+            pose = torch.cat([cond.pose_features[torch.as_tensor(win, device=self.device)]
+                              for win in windows])
+            if nb > 1:
+                x, pose = x.repeat(nb, 1, 1, 1), pose.repeat(nb, 1, 1, 1)
+            ctx = torch.cat([clip if b == "cond" else torch.zeros_like(clip)
+                             for b in branches for _ in range(k)])
+            use_ref = [b == "cond" for b in branches for _ in range(k)]
+            state = ReferenceState(kv=cond.reference_kv.pairs, runs=ReferenceState.row_runs(use_ref, f))
+            out = unet(x, t, ctx, frames=f, pose=pose, ref=state)
+            return out.view(nb * k, f, c, h, w).permute(0, 2, 1, 3, 4).float()
+
+        return step
+
+    def initial_latents(self, cond: Conditioning, seed: int | None) -> torch.Tensor:
+        """(1, 4, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
+        every device (Moore draws with torch.Generator().manual_seed(seed) the same way)."""
+        if seed is None:
+            seed = secrets.randbits(63)
+        self.last_seed = seed
+        shape = (1, 4, cond.num_frames, cond.height // 8, cond.width // 8)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+    def denoise(self, cond: Conditioning, latents: torch.Tensor, steps: int = 20, guidance: float = 3.5,
+                context_frames: int = 24, context_overlap: int = 4, context_schedule: str = "uniform",
+                window_batch: int = 1, callback=None, progress: bool = True) -> torch.Tensor:
+        """latents (1, 4, N, h, w) float32 noise -> denoised latents, same shape."""
+        if context_frames > self.config.motion.max_len:
+            raise InputError(f"context_frames={context_frames} exceeds the motion modules' "
+                             f"maximum window of {self.config.motion.max_len} frames")
+        windows = context_windows(cond.num_frames, context_frames, context_overlap, context_schedule)
+        model = windowed_guidance(self.unet_step(cond), windows, guidance, window_batch)
+        schedule = ddim_schedule(self.config.scheduler, steps)
+        return sample_ddim(model, latents.to(self.device, torch.float32), schedule,
+                           callback=callback, disable=not progress)
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 8, progress: bool = False) -> np.ndarray:
+        """latents (1, 4, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call."""
+        from tqdm.auto import tqdm
+
+        z = latents[0].permute(1, 0, 2, 3)  # (N, 4, h, w)
+        frames = []
+        for s in tqdm(range(0, z.shape[0], chunk), desc="decode", disable=not progress):
+            x = self.models.vae.decode((z[s:s + chunk] / self.config.latent_scale).to(self.vae_dtype)).sample
+            frames.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        return torch.cat(frames).numpy()
+
+    # ------------------------------------------------------------------ all together
+    def __call__(self, ref_image: Image.Image, poses: np.ndarray, steps: int = 20, guidance: float = 3.5,
+                 context_frames: int = 24, context_overlap: int = 4, seed: int | None = None,
+                 latents: torch.Tensor | None = None, output: str = "np", *, width: int | None = None,
+                 height: int | None = None, context_schedule: str = "uniform", window_batch: int = 1,
+                 decode_chunk: int = 8, progress: bool = True, callback=None):
+        """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
+        size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
+        output="latent" the final latents (1, 4, N, H/8, W/8)."""
+        if output not in ("np", "latent"):
+            raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
+        cond = self.prepare(ref_image, poses, width, height)
+        shape = (1, 4, cond.num_frames, cond.height // 8, cond.width // 8)
+        if latents is None:
+            latents = self.initial_latents(cond, seed)
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
+        out = self.denoise(cond, latents, steps, guidance, context_frames, context_overlap,
+                           context_schedule, window_batch, callback, progress)
+        if output == "latent":
+            return out
+        return self.decode(out, decode_chunk, progress)
+
+
+def _check_poses(poses) -> np.ndarray:
+    poses = np.asarray(poses)
+    if poses.ndim != 4 or poses.shape[-1] != 3:
+        raise InputError(f"poses of shape {poses.shape}: expected (N, H, W, 3)")
+    if poses.dtype != np.uint8:
+        raise InputError(f"poses of dtype {poses.dtype}: expected uint8 renderings")
+    if len(poses) == 0:
+        raise InputError("no pose frames")
+    return poses

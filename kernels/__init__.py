@@ -1,0 +1,1 @@
+"""Triton kernels (issue #6): one op per file, with its launcher and its torch reference beside it."""
