@@ -1,0 +1,1 @@
+"""Inference backends that stand in for the torch modules: onnxruntime (and TensorRT, later)."""
