@@ -54,7 +54,8 @@ def build_models(config: ModelConfig, device: str | torch.device = "cpu") -> Mod
 
 def check_state_dict(path, component: str, module: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """Same keys, same shapes, or one CheckpointError naming the file and the first offenders."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    own = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = expected.keys() - sd.keys()
     unexpected = sd.keys() - expected.keys()
     if missing or unexpected:
@@ -64,6 +65,11 @@ def check_state_dict(path, component: str, module: nn.Module, sd: Mapping[str, t
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys: {first_keys(unexpected)}")
         raise CheckpointError(f"{path}: {component} does not match its config; " + "; ".join(parts))
+    kind = [k for k in expected if sd[k].is_floating_point() != own[k].is_floating_point()]
+    if kind:
+        k = sorted(kind)[0]
+        raise CheckpointError(f"{path}: {component}: {len(kind)} tensors of the wrong dtype kind, first "
+                              f"{k}: {sd[k].dtype} in the file")
     bad = [k for k in expected if tuple(sd[k].shape) != expected[k]]
     if bad:
         k = sorted(bad)[0]
@@ -92,6 +98,8 @@ def save_checkpoint(path, config: ModelConfig, state_dicts: Mapping[str, Mapping
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -119,7 +127,11 @@ def read_metadata(path) -> dict:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an aa-trt checkpoint (no format=aa-trt metadata; "
                               f"convert Moore's weights with `aa-trt convert`)")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        version = int(meta.get("format_version", 0))
+    except ValueError:
+        raise CheckpointError(f"{path}: unreadable format_version {meta['format_version']!r}") from None
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this "
                               f"aa-trt understands ({FORMAT_VERSION}); upgrade aa-trt")
     return meta
@@ -142,7 +154,10 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.float32,
 
     path = Path(path)
     config = read_config(path)
-    models = build_models(config, "meta")
+    try:
+        models = build_models(config, "meta")
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its config cannot build the models ({e})") from None
     device = torch.device(device)
     grouped: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
     try:

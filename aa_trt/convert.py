@@ -37,7 +37,11 @@ def load_pth(path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first line is generic advice ("re-running with weights_only=False will likely
+        # succeed"); the reason (e.g. "unsupported GLOBAL posix.system") is on the next one.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines[1:] if not ln.startswith("Check the documentation")),
+                     lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{path}: refused: this pickle holds more than tensors (it may try to "
                               f"run code); weights_only loading said: {first}") from None
     except Exception as e:
@@ -124,13 +128,21 @@ def _load_base(base: Path):
     except (ValueError, json.JSONDecodeError) as e:
         raise InputError(f"{unet_cfg}: {e}") from None
     try:
-        vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True)
+        vae, vae_info = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True,
+                                                      output_loading_info=True)
     except Exception as e:
         raise InputError(f"{base / 'vae'}: cannot load the VAE ({type(e).__name__}: {e})") from None
     try:
-        clip = CLIPVisionModelWithProjection.from_pretrained(base / "image_encoder", local_files_only=True)
+        clip, clip_info = CLIPVisionModelWithProjection.from_pretrained(
+            base / "image_encoder", local_files_only=True, output_loading_info=True)
     except Exception as e:
         raise InputError(f"{base / 'image_encoder'}: cannot load CLIP ({type(e).__name__}: {e})") from None
+    for where, info in ((base / "vae", vae_info), (base / "image_encoder", clip_info)):
+        for what in ("missing_keys", "mismatched_keys"):  # extra tensors are only ignored
+            bad = [k if isinstance(k, str) else k[0] for k in info.get(what) or ()]
+            if bad:
+                raise InputError(f"{where}: the weights do not match its config.json; "
+                                 f"{len(bad)} {what.replace('_', ' ')}: {first_keys(bad)}")
     vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
                if not k.startswith("_")}
     clip_cfg = {k: v for k, v in clip.config.to_dict().items()}

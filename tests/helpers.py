@@ -27,5 +27,23 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> to
     return module
 
 
+def random_meta_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    """`randomize_` for a module built on the meta device: assigns fresh tensors, skipping the
+    module's own (slow, discarded) initialisation of large models."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            sd[name] = torch.randn(p.shape, generator=g) * scale / p[0].numel() ** 0.5
+        elif name.endswith("weight"):
+            sd[name] = 1 + 0.2 * torch.randn(p.shape, generator=g)
+        else:
+            sd[name] = 0.1 * torch.randn(p.shape, generator=g)
+    module.load_state_dict(sd, strict=False, assign=True)
+    if any(t.is_meta for t in module.state_dict().values()):
+        raise RuntimeError("meta buffers left after random_meta_")
+    return module
+
+
 def max_abs(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()

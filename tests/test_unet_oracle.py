@@ -5,13 +5,16 @@ from diffusers import UNet2DConditionModel
 
 from aa_trt.config import PRESETS
 from aa_trt.models import UNet
-from helpers import max_abs, randomize_
+from helpers import max_abs, random_meta_
 
 
 def _pair(cfg, seed=0):
-    ours = randomize_(UNet(cfg), seed).eval()
-    ref = UNet2DConditionModel(**cfg.to_diffusers()).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
+    with torch.device("meta"):
+        ours = UNet(cfg)
+    ours = random_meta_(ours, seed).eval()
+    with torch.device("meta"):  # skip diffusers' own random init: every tensor is assigned below
+        ref = UNet2DConditionModel(**cfg.to_diffusers()).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True, assign=True)  # same names, same shapes
     return ours, ref
 
 
