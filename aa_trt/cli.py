@@ -3,8 +3,10 @@ act on (AATrtError) print as one line and exit 2, an interrupt exits 130."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+from pathlib import Path
 
 
 def _convert(args) -> int:
@@ -16,6 +18,41 @@ def _convert(args) -> int:
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB) in {time.perf_counter() - t:.1f} s")
     return 0
+
+
+def _add_clip_flags(p):
+    p.add_argument("--frames", type=int, default=None, metavar="N", help="use at most N frames")
+    p.add_argument("--stride", type=int, default=1, metavar="K",
+                   help="take every K-th frame (the output fps is the source's divided by K)")
+    p.add_argument("--start", type=int, default=0, metavar="S", help="skip the first S frames")
+
+
+def _add_report_flags(p):
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the closing summary as one JSON line")
+
+
+def _report(args, result) -> int:
+    from .run import as_json, summary_line
+
+    print(as_json(result) if args.json else summary_line(result))
+    return 0
+
+
+def _run(args) -> int:
+    from .run import RunOptions, run
+
+    opts = RunOptions(**{k: getattr(args, k) for k in RunOptions.__dataclass_fields__
+                         if hasattr(args, k) and k not in ("ref", "driving", "output")},
+                      ref=args.ref, driving=args.driving, output=args.output)
+    return _report(args, run(opts))
+
+
+def _pose(args) -> int:
+    from .run import pose_preview
+
+    return _report(args, pose_preview(args.driving, args.output, args.ref, args.dwpose, args.frames,
+                                      args.stride, args.start, args.quiet))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +79,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Moore's inference yaml (motion-module heads, scheduler); default: inference_v2")
     c.add_argument("--name", default="moore-v2", help="model name recorded in the checkpoint")
     c.set_defaults(func=_convert)
+
+
+    r = sub.add_parser("run", help="reference picture + dance video -> mp4 of the character dancing",
+                       description="Extract the dance video's poses, align them to the character, "
+                       "render the animation (DDIM, classifier-free guidance, overlapping context "
+                       "windows) and write an H.264 mp4 with the source's fps and audio.")
+    r.add_argument("ref", type=Path, help="reference image of the character (png/jpg/webp...)")
+    r.add_argument("driving", type=Path, help="dance video (mp4/mov/webm/mkv/gif) or a folder of frames")
+    r.add_argument("-o", "--output", type=Path, required=True, help="mp4 to write")
+    r.add_argument("--ckpt", type=Path, default=None, help="aa-trt checkpoint (default: the embedded model)")
+    r.add_argument("--pose-video", action="store_true",
+                   help="the driving video already is a pose rendering (e.g. Moore's *_kps.mp4): use as is")
+    r.add_argument("--dwpose", type=Path, default=None, metavar="DIR",
+                   help="folder with DWPose's yolox_l.onnx and dw-ll_ucoco_384.onnx (default: the "
+                   "built-in offline extractor)")
+    r.add_argument("--no-align", dest="align", action="store_false",
+                   help="do not rescale the driving skeleton to the reference's proportions")
+    _add_clip_flags(r)
+    r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
+    r.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the paper)")
+    r.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    r.add_argument("--context-frames", type=int, default=24, help="frames per context window (default 24, at most 32)")
+    r.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows (default 4)")
+    r.add_argument("--context-schedule", choices=("uniform", "sliding"), default="uniform",
+                   help="uniform: Moore's closed-loop windows (wrap the end onto the start, for looping "
+                   "dances); sliding: windows that never wrap (default uniform)")
+    r.add_argument("--width", type=int, default=None, help="output width, a multiple of 8 (default: "
+                   "the reference's aspect ratio with the model's short side, 512 for sd15)")
+    r.add_argument("--height", type=int, default=None, help="output height, a multiple of 8")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="compute precision")
+    _add_report_flags(r)
+    r.set_defaults(func=_run)
+
+    q = sub.add_parser("pose", help="render a video's extracted skeletons beside its frames, to check them",
+                       description="Extract the poses of a dance video and write them side by side "
+                       "with the source frames; with --ref, the skeletons are aligned to that character.")
+    q.add_argument("driving", type=Path, help="dance video or folder of frames")
+    q.add_argument("-o", "--output", type=Path, required=True, help="mp4 to write")
+    q.add_argument("--ref", type=Path, default=None, help="reference image: show the aligned skeletons")
+    q.add_argument("--dwpose", type=Path, default=None, metavar="DIR", help="DWPose ONNX folder")
+    _add_clip_flags(q)
+    _add_report_flags(q)
+    q.set_defaults(func=_pose)
     return p
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
     from .errors import AATrtError
 
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the same cleanup (no partial outputs) runs for both.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
     except AATrtError as e:
@@ -57,6 +144,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("aa-trt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from aa_trt.checkpoint import COMPONENTS, build_models, check_state_dict, load_c
 from aa_trt.config import PRESETS, PoseGuiderConfig
 from aa_trt.convert import MOORE_FILES, convert_moore, load_pth, pose_guider_config, split_moore
 from aa_trt.errors import CheckpointError, InputError
-from helpers import FIXTURE, MOORE_KEYS
+from helpers import FIXTURE, MOORE_KEYS, needs_fixture
+
+pytestmark = needs_fixture
 
 F = FIXTURE
 INFER = F / "inference.yaml"

@@ -15,9 +15,9 @@ from aa_trt import Animator
 from aa_trt.cli import main as cli
 from aa_trt.models.reference_kv import project_banks
 from aa_trt.sampling import uniform_windows
-from helpers import FIXTURE, max_abs
+from helpers import FIXTURE, max_abs, needs_fixture
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"golden fixture not found at {FIXTURE}")
+pytestmark = needs_fixture
 
 ATOL = {"ref_latent": 1e-3, "clip_embeds": 1e-4, "pose_features": 1e-4, "noise_pred_step0_windows": 5e-4,
         "noise_pred_step0_uncond": 5e-4, "noise_pred_step0_cond": 5e-4, "noise_pred_step0_cfg": 2e-3,

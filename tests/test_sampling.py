@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 from aa_trt.config import SchedulerConfig
 from aa_trt.sampling import (alphas_cumprod, ddim_schedule, ddim_step, sample_ddim, sliding_windows,
                              uniform_windows, windowed_guidance)
-from helpers import FIXTURE
+from helpers import FIXTURE, needs_fixture
 
 MOORE = SchedulerConfig()  # inference_v2: linear, v_prediction, zero-SNR, trailing
 
@@ -62,6 +62,7 @@ def test_ddim_loop_matches_diffusers(cfg, steps):
     assert torch.allclose(ours, x, atol=1e-5, rtol=1e-5), (ours - x).abs().max()
 
 
+@needs_fixture
 def test_fixture_step_rule():
     # diffusers steps from t to t - T // steps: 3 steps run the UNet at 332 after stepping to 333.
     info = json.loads((FIXTURE / "timesteps.json").read_text())
@@ -82,6 +83,7 @@ def test_ddim_step_v_prediction_formula():
 
 
 # ------------------------------------------------------------------------------ windows
+@needs_fixture
 def test_uniform_windows_match_moore_fixture():
     w = json.loads((FIXTURE / "windows.json").read_text())
     assert uniform_windows(30, 24, 4) == [list(range(24)), list(range(20, 30)) + list(range(14))]

@@ -1,0 +1,190 @@
+"""Reading driving videos and writing results with PyAV (H.264 mp4, the source's audio).
+
+Outputs are written to a temporary name beside the target and renamed when complete, so an
+interrupted or failed run leaves neither a half-written file nor the temporary one.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+FOLDER_FPS = 30.0
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise InputError("reading and writing video needs PyAV: pip install av") from None
+    return av
+
+
+@dataclass
+class Clip:
+    """Frames taken from a driving video, and what the output needs to know about their source."""
+
+    frames: list[np.ndarray]  # uint8 (H, W, 3) RGB each
+    fps: float                # of the taken frames (source fps / stride)
+    start_time: float         # seconds into the source where the first taken frame sits
+    duration: float           # seconds the taken frames cover
+    audio_path: Path | None   # the source, when it has an audio stream
+
+
+def read_image(path) -> Image.Image:
+    """An RGB image with its EXIF orientation applied; transparency composited on white."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+    if im.mode in ("RGBA", "LA", "P", "PA") and (im.mode != "P" or "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+def read_clip(path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> Clip:
+    """Frames start, start + stride, ... (at most max_frames) of a video file or a folder of images."""
+    path = Path(path)
+    if stride < 1 or start < 0 or (max_frames is not None and max_frames < 1):
+        raise InputError(f"{path}: --start must be >= 0, --stride and --frames >= 1")
+    if path.is_dir():
+        return _read_folder(path, start, stride, max_frames)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder")
+    av = _av()
+    frames: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: has no video stream")
+            vs = container.streams.video[0]
+            vs.thread_type = "AUTO"
+            rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+            fps = float(rate) if rate else FOLDER_FPS
+            has_audio = bool(container.streams.audio)
+            first_time = None
+            for i, frame in enumerate(container.decode(vs)):
+                if i < start or (i - start) % stride:
+                    continue
+                if first_time is None:
+                    first_time = float(frame.time) if frame.time is not None else start / fps
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except InputError:
+        raise
+    except Exception as e:  # PyAV raises av.error.* (InvalidDataError, ...) for broken input
+        raise InputError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise InputError(f"{path}: no frames" + (f" at or after frame {start}" if start else ""))
+    out_fps = fps / stride
+    return Clip(frames, out_fps, first_time or 0.0, len(frames) / out_fps, path if has_audio else None)
+
+
+def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) -> Clip:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    files = files[start::stride][:max_frames]
+    if not files:
+        raise InputError(f"{path}: no image frames in this folder")
+    frames = [np.asarray(read_image(f)) for f in files]
+    size = frames[0].shape
+    bad = next((f for f, a in zip(files, frames) if a.shape != size), None)
+    if bad is not None:
+        raise InputError(f"{bad}: size differs from the folder's first frame {size[1]}x{size[0]}")
+    fps = FOLDER_FPS / stride
+    return Clip(frames, fps, 0.0, len(frames) / fps, None)
+
+
+@contextlib.contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block completes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: output folder does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{path.parent}: output folder is not writable")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path | None = None,
+                audio_start: float = 0.0, audio_duration: float | None = None, crf: int = 18) -> Path:
+    """H.264 (yuv420p) mp4 at `fps`; the audio of `audio_from` between audio_start and
+    audio_start + audio_duration, re-encoded to AAC (any source codec fits the mp4 that way)."""
+    av = _av()
+    path = Path(path)
+    rate = Fraction(fps).limit_denominator(1001)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise InputError(f"{path}: no frames to write")
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as out, contextlib.ExitStack() as stack:
+            h, w = first.shape[:2]
+            vs = out.add_stream("libx264", rate=rate)
+            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+            vs.options = {"crf": str(crf), "preset": "medium"}
+            # Every stream must exist before the first packet is muxed (the header is written then).
+            audio = None
+            if audio_from is not None:
+                inp = stack.enter_context(av.open(str(audio_from)))
+                if inp.streams.audio:
+                    audio = _AudioCopy(av, inp, out)
+            for frame in itertools.chain([first], frames):
+                for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                    out.mux(packet)
+            for packet in vs.encode():
+                out.mux(packet)
+            if audio is not None:
+                audio.copy(audio_start, audio_duration)
+    return path
+
+
+class _AudioCopy:
+    def __init__(self, av, inp, out):
+        self.inp, self.out = inp, out
+        self.ins = inp.streams.audio[0]
+        self.rate = self.ins.rate or 44100
+        layout = "stereo" if (self.ins.channels or 2) >= 2 else "mono"
+        self.stream = out.add_stream("aac", rate=self.rate)
+        self.stream.layout = layout
+        self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
+
+    def copy(self, start: float, duration: float | None) -> None:
+        end = None if duration is None else start + duration
+        pts = 0
+        for frame in self.inp.decode(self.ins):
+            t = float(frame.time) if frame.time is not None else 0.0
+            if t + frame.samples / self.rate <= start:
+                continue
+            if end is not None and t >= end:
+                break
+            for rf in self.resampler.resample(frame):
+                rf.pts, rf.time_base = pts, Fraction(1, self.rate)
+                pts += rf.samples
+                for packet in self.stream.encode(rf):
+                    self.out.mux(packet)
+        for packet in self.stream.encode(None):
+            self.out.mux(packet)

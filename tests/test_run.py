@@ -1,0 +1,121 @@
+"""`aa-trt run` end to end on a tiny random-weight checkpoint, and its handling of bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from aa_trt.checkpoint import build_models, save_models
+from aa_trt.cli import main as cli
+from aa_trt.config import PRESETS
+from helpers import randomize_
+from media import make_reference, make_video, probe, stick_frames
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    models = build_models(PRESETS["tiny"])
+    for i, m in enumerate(models.components().values()):
+        randomize_(m, seed=200 + i)
+    return {"dir": d, "ckpt": save_models(d / "tiny.safetensors", models),
+            "ref": make_reference(d / "ref.png", (48, 64)),
+            "dance": make_video(d / "dance.mp4", stick_frames(12, (64, 64)), fps=10, audio=True)}
+
+
+def _run(files, out, *extra):
+    return cli(["run", str(files["ref"]), str(files["dance"]), "-o", str(out), "--ckpt", str(files["ckpt"]),
+                "--pose-video", "--steps", "2", "--context-frames", "8", "--context-overlap", "2",
+                "--quiet", "--json", *extra])
+
+
+def test_end_to_end_mp4(files, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert _run(files, out, "--seed", "3") == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"frames": 12' in line and '"seed": 3' in line
+    info = probe(out)
+    # 48x64 reference, tiny preset short side 64 -> 64 wide... the short side is the width here
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (12, 10.0, 64, 88)
+    assert info["audio"] == 1 and info["codec"] == "h264"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no temporary left behind
+
+    out2 = tmp_path / "again.mp4"
+    assert _run(files, out2, "--seed", "3") == 0
+    assert np.abs(probe(out2)["pixels"].astype(int) - info["pixels"].astype(int)).max() <= 1
+
+
+def test_stride_frames_and_size(files, tmp_path):
+    out = tmp_path / "s.mp4"
+    assert _run(files, out, "--stride", "2", "--frames", "5", "--width", "32", "--height", "40") == 0
+    info = probe(out)
+    assert (info["frames"], info["fps"], info["width"], info["height"], info["audio"]) == (5, 5.0, 32, 40, 1)
+
+
+def _bad(tmp_path, capsys, argv, needle):
+    out = tmp_path / "o.mp4"
+    if "-o" not in argv:
+        argv = [*argv, "-o", str(out)]
+    rc = cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert needle in err, err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_bad_inputs(files, tmp_path, capsys):
+    ck = ["--ckpt", str(files["ckpt"]), "--pose-video", "--steps", "1", "--quiet"]
+    ref, dance = str(files["ref"]), str(files["dance"])
+    _bad(tmp_path, capsys, ["run", str(tmp_path / "nope.png"), dance, *ck], "nope.png: no such file")
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(files["ref"].read_bytes()[:60])
+    _bad(tmp_path, capsys, ["run", str(trunc), dance, *ck], "trunc.png: not a readable image")
+    txt = tmp_path / "notes.mp4"
+    txt.write_text("not a video\n" * 20)
+    _bad(tmp_path, capsys, ["run", ref, str(txt), *ck], "notes.mp4: not a readable video")
+    audio_only = make_video(tmp_path / "audio_only.mp4", stick_frames(5), video=False)
+    _bad(tmp_path, capsys, ["run", ref, str(audio_only), *ck], "audio_only.mp4: has no video stream")
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--start", "100"], "dance.mp4: no frames")
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--width", "60"], "--width 60: must be a positive multiple of 8")
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "-o", str(tmp_path / "missing_dir" / "o.mp4")],
+         "missing_dir: output folder does not exist")
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+    import torch
+    save_file({"x": torch.randn(3)}, str(wrong))
+    _bad(tmp_path, capsys, ["run", ref, dance, "--ckpt", str(wrong), "--pose-video"], "not an aa-trt checkpoint")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(files["ckpt"].read_bytes()[: files["ckpt"].stat().st_size // 2])
+    _bad(tmp_path, capsys, ["run", ref, dance, "--ckpt", str(cut), "--pose-video"], "cut.safetensors")
+
+
+def test_no_embedded_model_says_so(files, tmp_path, capsys, monkeypatch):
+    import aa_trt.run
+    monkeypatch.setattr(aa_trt.run, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    _bad(tmp_path, capsys, ["run", str(files["ref"]), str(files["dance"]), "--pose-video"],
+         "no embedded default model")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_interrupt_leaves_nothing(files, tmp_path, sig, code):
+    out = tmp_path / "int.mp4"
+    cmd = [sys.executable, "-m", "aa_trt", "run", str(files["ref"]), str(files["dance"]), "-o", str(out),
+           "--ckpt", str(files["ckpt"]), "--pose-video", "--steps", "500"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_MININTERVAL": "0"})
+    seen = ""
+    deadline = time.time() + 120
+    while "denoise" not in seen and time.time() < deadline:  # wait until it is denoising
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == code, seen + rest
+    assert "Traceback" not in rest
+    assert not out.exists() and list(tmp_path.iterdir()) == []
