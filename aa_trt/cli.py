@@ -20,6 +20,25 @@ def _convert(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from .checkpoint import read_config
+    from .errors import InputError
+    from .export.build import build
+    from .export.graphs import GRAPHS, BuildShapes
+
+    width, height = read_config(args.ckpt).default_size
+    try:
+        shapes = BuildShapes(height=args.height or height, width=args.width or width,
+                             frames=args.frames, windows=args.window_batch)
+        graphs = tuple(args.graphs.split(",")) if args.graphs else GRAPHS
+        m = build(args.ckpt, args.output, shapes, opset=args.opset, fp16=args.fp16, graphs=graphs,
+                  tensorrt=args.tensorrt)
+    except ValueError as e:  # shapes, graph names, frames beyond the motion modules' table
+        raise InputError(str(e)) from None
+    print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs) in {m['build_s']:.1f} s")
+    return 0
+
+
 def _add_clip_flags(p):
     p.add_argument("--frames", type=int, default=None, metavar="N", help="use at most N frames")
     p.add_argument("--stride", type=int, default=1, metavar="K",
@@ -80,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default="moore-v2", help="model name recorded in the checkpoint")
     c.set_defaults(func=_convert)
 
+    b = sub.add_parser("build", help="checkpoint -> checked ONNX graphs (+ TensorRT engines)",
+                       description="Export every submodel to ONNX, check each graph (onnx.checker, "
+                       "full) and measure it against PyTorch with onnxruntime on random inputs, and "
+                       "record it all in DIR/manifest.json. Graphs whose manifest entry still matches "
+                       "(checkpoint hash, shapes, opset, aa-trt version) are reused. TensorRT engines "
+                       "are built too where TensorRT and a CUDA device are present.")
+    b.add_argument("--ckpt", required=True, metavar="FILE", help="aa-trt checkpoint (.safetensors)")
+    b.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for graphs and manifest")
+    b.add_argument("--height", type=int, default=None,
+                   help="output height in pixels (default: the checkpoint's default size)")
+    b.add_argument("--width", type=int, default=None,
+                   help="output width in pixels (default: the checkpoint's default size)")
+    b.add_argument("--frames", type=int, default=24,
+                   help="longest context window in frames (default 24; shorter windows also run)")
+    b.add_argument("--window-batch", type=int, default=1, metavar="N",
+                   help="context windows per UNet call the graphs accept (default 1)")
+    b.add_argument("--fp16", action="store_true",
+                   help="fp16 TensorRT engines (the ONNX graphs stay fp32)")
+    b.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    b.add_argument("--graphs", default=None, metavar="LIST",
+                   help="comma-separated subset of: clip, vae_encoder, vae_decoder, pose_guider, "
+                   "reference_kv, unet_cond, unet_uncond (default: all)")
+    b.add_argument("--tensorrt", choices=("auto", "on", "off"), default="auto",
+                   help="build TensorRT engines: where available (auto), or fail without (on)")
+    b.set_defaults(func=_build)
 
     r = sub.add_parser("run", help="reference picture + dance video -> mp4 of the character dancing",
                        description="Extract the dance video's poses, align them to the character, "
@@ -89,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("driving", type=Path, help="dance video (mp4/mov/webm/mkv/gif) or a folder of frames")
     r.add_argument("-o", "--output", type=Path, required=True, help="mp4 to write")
     r.add_argument("--ckpt", type=Path, default=None, help="aa-trt checkpoint (default: the embedded model)")
+    r.add_argument("--engine", type=Path, default=None, metavar="DIR",
+                   help="run on the graphs of `aa-trt build` (TensorRT where available, else onnxruntime); "
+                   "the DIR must have been built from --ckpt at the output size")
     r.add_argument("--pose-video", action="store_true",
                    help="the driving video already is a pose rendering (e.g. Moore's *_kps.mp4): use as is")
     r.add_argument("--dwpose", type=Path, default=None, metavar="DIR",

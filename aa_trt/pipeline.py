@@ -101,15 +101,23 @@ class Animator:
         n, ph, pw, _ = poses.shape
         width = (width or pw) // 8 * 8
         height = (height or ph) // 8 * 8
-        if width < 8 or height < 8:
-            raise InputError(f"output size {width}x{height} is too small (at least 8x8)")
+        self.check_size(width, height)
         if (pw, ph) != (width, height):
             poses = np.stack([np.asarray(_resize(Image.fromarray(p), width, height)) for p in poses])
         clip = self.encode_clip(ref_image)
         ref_latent = self.encode_reference(ref_image, width, height)
-        kv = compute_reference_kv(self.models.reference_unet, self.models.denoising_unet, ref_latent,
-                                  clip[:, None], self.config.bank_dtype)
+        kv = self.reference_kv(ref_latent, clip)
         return Conditioning(clip, ref_latent, kv, self.encode_poses(poses), width, height)
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse an output size this backend cannot run (engines override it)."""
+        if width < 8 or height < 8:
+            raise InputError(f"output size {width}x{height} is too small (at least 8x8)")
+
+    def reference_kv(self, ref_latent: torch.Tensor, clip_embeds: torch.Tensor) -> ReferenceKV:
+        """ref_latent (1, 4, h, w), clip_embeds (1, D) -> the K/V cache (ReferenceNet, cond row)."""
+        return compute_reference_kv(self.models.reference_unet, self.models.denoising_unet, ref_latent,
+                                    clip_embeds[:, None], self.config.bank_dtype)
 
     # ------------------------------------------------------------------ denoising
     def unet_step(self, cond: Conditioning):

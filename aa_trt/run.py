@@ -24,6 +24,7 @@ class RunOptions:
     driving: Path
     output: Path
     ckpt: Path | None = None
+    engine: Path | None = None
     pose_video: bool = False
     dwpose: Path | None = None
     align: bool = True
@@ -138,6 +139,8 @@ def run(opts: RunOptions, progress_print=print) -> dict:
     if opts.dtype not in dtypes:
         raise InputError(f"--dtype {opts.dtype}: expected one of {', '.join(dtypes)}")
     ckpt = checkpoint_path(opts.ckpt)
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {opts.device}: no CUDA device is available to this torch build")
     # Fail on a bad output folder before minutes of work, not after.
     out_dir = opts.output.parent
     if not out_dir.is_dir():
@@ -152,7 +155,13 @@ def run(opts: RunOptions, progress_print=print) -> dict:
         from .checkpoint import read_config
         config = read_config(ckpt)
         width, height = output_size(ref_image.size, min(config.default_size), opts.width, opts.height)
-        anim = Animator.from_pretrained(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
+        if opts.engine is not None:
+            # The graphs of `aa-trt build`: TensorRT where available, else onnxruntime. The
+            # checkpoint is still read for its config and to refuse a DIR built from another one.
+            from .backends import animator_from_dir
+            anim = animator_from_dir(opts.engine, ckpt)
+        else:
+            anim = Animator.from_pretrained(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
     poses, facts = driving_poses(opts, clip, ref_image, width, height, timer)
     with timer("animate"):
         frames = anim(ref_image, poses, steps=opts.steps, guidance=opts.guidance,
@@ -164,7 +173,7 @@ def run(opts: RunOptions, progress_print=print) -> dict:
         write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration)
     return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
-            "checkpoint": str(ckpt), **facts,
+            "checkpoint": str(ckpt), "backend": type(anim).__name__, **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
 
 

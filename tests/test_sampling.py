@@ -1,7 +1,6 @@
 """DDIM against diffusers' DDIMScheduler (Moore's config), and the context-window schedules."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
