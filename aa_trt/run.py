@@ -141,7 +141,9 @@ def run(opts: RunOptions, progress_print=print) -> dict:
     ckpt = checkpoint_path(opts.ckpt)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {opts.device}: no CUDA device is available to this torch build")
-    # Fail on a bad output folder before minutes of work, not after.
+    # Fail on a bad output path before minutes of work, not after.
+    if opts.output.is_dir():
+        raise InputError(f"{opts.output}: is a folder; give a file name such as {opts.output / 'out.mp4'}")
     out_dir = opts.output.parent
     if not out_dir.is_dir():
         raise InputError(f"{out_dir}: output folder does not exist")

@@ -119,3 +119,59 @@ def test_interrupt_leaves_nothing(files, tmp_path, sig, code):
     assert proc.returncode == code, seen + rest
     assert "Traceback" not in rest
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ with real pose extraction
+skimage = pytest.importorskip("skimage.data", reason="scikit-image ships the photo of a person")
+
+
+@pytest.fixture(scope="module")
+def person(files):
+    """The astronaut photo as a reference, and a short 'dance': the photo shifted frame by frame."""
+    from PIL import Image
+
+    d = files["dir"]
+    img = skimage.astronaut()  # (512, 512, 3) uint8, a person from the waist up
+    Image.fromarray(img[:, 40:424]).save(d / "astronaut.png")
+    frames = [np.roll(img, 6 * i, axis=1)[:, 32:480] for i in range(4)]
+    return {"ref": d / "astronaut.png", "dance": make_video(d / "astro.mp4", [f[::2, ::2] for f in frames], fps=8)}
+
+
+def test_end_to_end_with_extraction_and_alignment(files, person, tmp_path, capsys):
+    out = tmp_path / "astro_out.mp4"
+    rc = cli(["run", str(person["ref"]), str(person["dance"]), "-o", str(out), "--ckpt", str(files["ckpt"]),
+              "--steps", "1", "--context-frames", "4", "--quiet", "--json", "--seed", "0"])
+    assert rc == 0, capsys.readouterr().err
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"pose_source": "BlazePoseExtractor"' in line and '"frames_with_person": 4' in line
+    info = probe(out)
+    assert info["frames"] == 4 and (info["width"], info["height"]) == (64, 88) and info["audio"] == 1
+
+
+def test_pose_preview(person, tmp_path, capsys):
+    out = tmp_path / "poses.mp4"
+    assert cli(["pose", str(person["dance"]), "-o", str(out), "--ref", str(person["ref"]), "--quiet"]) == 0
+    info = probe(out)
+    assert info["frames"] == 4 and info["width"] == 2 * 224 and info["height"] == 256
+    skeleton_half = info["pixels"][:, :, 224:]
+    assert skeleton_half.max() > 100  # a skeleton was drawn
+
+
+def test_no_person(files, person, tmp_path, capsys):
+    from PIL import Image
+
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 48, 3), 128, np.uint8)).save(grey)
+    blank = make_video(tmp_path / "blank.mp4", [np.zeros((64, 64, 3), np.uint8)] * 3, fps=8, audio=False)
+    ck = ["--ckpt", str(files["ckpt"]), "--steps", "1", "--quiet"]
+    _bad(tmp_path, capsys, ["run", str(grey), str(person["dance"]), *ck], "grey.png: no person found in the reference")
+    _bad(tmp_path, capsys, ["run", str(person["ref"]), str(blank), *ck], "blank.mp4: no person found in any of its 3 frames")
+
+
+def test_output_that_cannot_be_written(files, tmp_path, capsys):
+    folder = tmp_path / "taken.mp4"
+    folder.mkdir()
+    rc = cli(["run", str(files["ref"]), str(files["dance"]), "-o", str(folder), "--ckpt", str(files["ckpt"]),
+              "--pose-video", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "taken.mp4: is a folder" in err and len(err.splitlines()) == 1
