@@ -161,11 +161,16 @@ class Animator:
         if context_frames > self.config.motion.max_len:
             raise InputError(f"context_frames={context_frames} exceeds the motion modules' "
                              f"maximum window of {self.config.motion.max_len} frames")
+        from tqdm.auto import tqdm
+
         windows = context_windows(cond.num_frames, context_frames, context_overlap, context_schedule)
-        model = windowed_guidance(self.unet_step(cond), windows, guidance, window_batch)
         schedule = ddim_schedule(self.config.scheduler, steps)
-        return sample_ddim(model, latents.to(self.device, torch.float32), schedule,
-                           callback=callback, disable=not progress)
+        # One bar over steps x windows: a long video's step takes long enough to want finer ticks.
+        with tqdm(total=len(schedule) * len(windows), desc=f"denoise ({len(windows)} windows/step)",
+                  unit="window", disable=not progress) as bar:
+            model = windowed_guidance(self.unet_step(cond), windows, guidance, window_batch, bar.update)
+            return sample_ddim(model, latents.to(self.device, torch.float32), schedule,
+                               callback=callback, disable=True)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

@@ -146,14 +146,15 @@ def context_windows(n: int, size: int, overlap: int, schedule: str = "uniform") 
 
 # ---------------------------------------------------------------------------------- guidance
 def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], guidance: float,
-                      window_batch: int = 1) -> Callable:
+                      window_batch: int = 1, on_windows: Callable[[int], None] | None = None) -> Callable:
     """A whole-video model from a per-window UNet step, Moore's aggregation:
 
     `unet_step(x_win, t, windows, branches)`: x_win (k, c, F, h, w) the latents of k windows,
     `branches` ("uncond", "cond") or ("cond",) -> predictions (len(branches) * k, c, F, h, w),
     rows [branch 0: k windows, branch 1: k windows]. Predictions are summed per frame over the
     windows and divided by the per-frame count, then combined: uncond + g * (cond - uncond).
-    With guidance <= 1 only the cond branch runs (as Moore: no CFG).
+    With guidance <= 1 only the cond branch runs (as Moore: no CFG). `on_windows(k)` is called
+    after each UNet call with the number of windows it ran (progress reporting).
     """
     branches = ("uncond", "cond") if guidance > 1.0 else ("cond",)
     idx = [torch.as_tensor(w, dtype=torch.long) for w in windows]
@@ -174,6 +175,8 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
             pred = pred.view(len(branches), len(group), *pred.shape[1:])
             for j, w in enumerate(group):
                 sums.index_add_(2, w.to(x.device), pred[:, j])
+            if on_windows is not None:
+                on_windows(len(group))
         sums = sums / counts.to(x.device, x.dtype).view(1, 1, -1, 1, 1)
         if len(branches) == 1:
             return sums[0:1]
