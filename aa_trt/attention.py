@@ -7,8 +7,68 @@ kernel of `aa_trt.kernels` reads it in place.
 """
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+# Which implementation runs the attention below (`set_backend`):
+#   "auto":   the Triton kernels on CUDA fp16/bf16 tensors when triton imports and the head dim is
+#             supported; SDPA otherwise (so on CPU nothing changes);
+#   "sdpa":   never the kernels;
+#   "triton": the kernels for every call they support, on any device (CPU tensors need
+#             TRITON_INTERPRET=1: the tests run whole blocks through the kernels that way).
+# Autograd, tracing, torch.compile and ONNX export always take the plain path (the kernels are
+# forward-only and opaque to tracers).
+BACKENDS = ("auto", "sdpa", "triton")
+_backend = "auto"
+TEMPORAL_MAX_FRAMES = 32  # sequences this short go to the temporal kernel
+
+
+def set_backend(name: str) -> str:
+    """Select the attention backend for the whole process; returns the previous one."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@functools.cache
+def _kernels():
+    """The kernel modules, or None where triton does not import (imported on first use only)."""
+    try:
+        from .kernels import reference_attention as ref_kernel
+        from .kernels import temporal_attention as temporal_kernel
+    except ImportError:
+        return None
+    return ref_kernel, temporal_kernel
+
+
+def _use_kernels(q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> bool:
+    if _backend == "sdpa" or (_backend == "auto" and not q.is_cuda):
+        return False  # the CPU path stays exactly the plain code
+    ts = [t for t in (q, *tensors) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    d = q.shape[-1] // heads
+    if _backend == "auto":
+        return (q.dtype in (torch.float16, torch.bfloat16) and 16 <= d <= 256
+                and all(t.stride(-1) == 1 for t in ts) and _kernels() is not None)
+    # "triton": explicit; unsupported shapes still fall back, a missing triton is an error
+    if _kernels() is None:
+        raise RuntimeError("attention backend 'triton' selected but triton does not import")
+    if not q.is_cuda and not _kernels()[0].interpreting():
+        raise RuntimeError("attention backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                           "(set before the kernels are first imported)")
+    return 16 <= d <= 256 and all(t.stride(-1) == 1 for t in ts)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -25,19 +85,59 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v.  q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
+    if q.shape[1] == k.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels(q, heads, k, v):
+        return _kernels()[1].temporal_attention(q, k, v, heads)  # short sequences: motion modules
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
                                          split_heads(v, heads))
     return merge_heads(out)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int) -> torch.Tensor:
+                        k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int,
+                        use_reference: torch.Tensor | Sequence[bool] | None = None) -> torch.Tensor:
     """Self-attention whose keys/values are the frame's own tokens followed by the reference's.
 
     q, k, v (b, n, c): the b frames' own projections; k_ref, v_ref (1, m, c): the reference K/V,
     shared by all b frames. Returns (b, n, c) = softmax(q [k; k_ref]^T / sqrt(d)) [v; v_ref].
+    use_reference: optional (b,) flags; rows with a false flag (the uncond branch) attend to their
+    own tokens only, as `attention(q, k, v)` would. None: every row uses the reference.
     """
+    if _use_kernels(q, heads, k, v, k_ref, v_ref):
+        return _kernels()[0].reference_attention(q, k, v, k_ref, v_ref, heads, use_reference)
+    if use_reference is not None:
+        flags = [bool(u) for u in (use_reference.tolist() if isinstance(use_reference, torch.Tensor)
+                                   else use_reference)]
+        if len(flags) != q.shape[0]:
+            raise ValueError(f"use_reference has {len(flags)} entries for a batch of {q.shape[0]}")
+        outs, start = [], 0
+        for i in range(1, len(flags) + 1):  # runs of equal flags
+            if i == len(flags) or flags[i] != flags[start]:
+                s = slice(start, i)
+                outs.append(reference_attention(q[s], k[s], v[s], k_ref, v_ref, heads) if flags[start]
+                            else attention(q[s], k[s], v[s], heads))
+                start = i
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     b = q.shape[0]
     k_all = torch.cat([k, k_ref.to(k.dtype).expand(b, -1, -1)], dim=1)
     v_all = torch.cat([v, v_ref.to(v.dtype).expand(b, -1, -1)], dim=1)
     return attention(q, k_all, v_all, heads)
+
+
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       bias_q: torch.Tensor | None = None, bias_k: torch.Tensor | None = None,
+                       bias_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the frame axis with optional per-frame biases (f, c) on q, k and v.
+
+    q, k, v (positions, f, c). The biases are the positional encoding folded through the
+    bias-free projections, (x + pe) W^T = x W^T + pe W^T (`aa_trt.kernels.temporal_attention.
+    fold_positional_encoding`): the kernel adds them as it loads q/k/v, so the `x + pe` pass over
+    the activations disappears. Without biases this is `attention(q, k, v, heads)`.
+    """
+    f = q.shape[1]
+    if f <= TEMPORAL_MAX_FRAMES and _use_kernels(q, heads, k, v, bias_q, bias_k, bias_v):
+        return _kernels()[1].temporal_attention(q, k, v, heads, bias_q, bias_k, bias_v)
+    if bias_q is not None:
+        q, k, v = q + bias_q[:f].to(q.dtype), k + bias_k[:f].to(k.dtype), v + bias_v[:f].to(v.dtype)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                         split_heads(v, heads))
+    return merge_heads(out)

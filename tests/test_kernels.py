@@ -1,0 +1,344 @@
+"""The Triton kernels (aa_trt.kernels) against their torch references.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before the
+kernel modules are imported: triton reads it when a kernel is decorated and again at launch, so it
+stays set for the process), ~150-500x slower than torch,
+so the default cases are small; the full sweeps are @pytest.mark.slow. With CUDA the same cases
+run compiled on the GPU, plus the CUDA-only checks at the end.
+
+Tolerances (max |kernel - fp32 reference|, per element, atol + rtol * |ref|), keyed by input dtype:
+fp32 1e-5 (fp32 accumulation, IEEE dots), fp16 4e-3 (fp16 operands, fp32 accumulation; the output
+rounding alone is up to 1e-3 at |x| ~ 2), bf16 3e-2 (8-bit mantissa: output rounding up to 8e-3).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # read when the kernels are decorated *and* at launch: stays set for this process
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+from aa_trt import attention as attn_math  # noqa: E402
+from aa_trt.kernels import reference_attention as ra  # noqa: E402
+from aa_trt.kernels import temporal_attention as ta  # noqa: E402
+from aa_trt.kernels._common import head_dim_chunks, is_interpreted  # noqa: E402
+
+if not CUDA and not is_interpreted(ra._reference_attention_kernel):
+    pytest.skip("the kernel modules were imported before TRITON_INTERPRET=1 was set "
+                "(no CUDA: they cannot run)", allow_module_level=True)
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def _rand(*shape, dtype, scale=1.0, g=None):
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def _check(out, ref, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    out, ref = out.float().cpu(), ref.float().cpu()
+    err = (out - ref).abs()
+    bound = atol + rtol * ref.abs()
+    assert torch.isfinite(out).all(), what
+    assert (err <= bound).all(), f"{what}: max error {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+    return err.max().item()
+
+
+# ---------------------------------------------------------------------------------- head dims
+@pytest.mark.parametrize("d, chunks", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
+                                       (16, (16, 0)), (24, (16, 16)), (256, (256, 0))])
+def test_head_dim_chunks(d, chunks):
+    assert head_dim_chunks(d) == chunks
+    d0, d1 = chunks
+    assert d0 + d1 >= d and d0 + d1 - d < 16  # never more than one masked 16-wide tail
+
+
+def test_head_dim_out_of_range():
+    with pytest.raises(ValueError):
+        head_dim_chunks(8)
+
+
+# ------------------------------------------------------------------------ reference attention
+def _ref_case(d, dtype, b, heads, n, m, flags, block_m=None, block_n=None, per_row_ref=False,
+              fused_qkv=False, ref_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = heads * d
+    if fused_qkv:  # q/k/v as slices of one (b, n, 3c) projection: strided, not copied
+        qkv = _rand(b, n, 3 * c, dtype=dtype, g=g)
+        q, k, v = qkv.split(c, dim=-1)
+    else:
+        q, k, v = (_rand(b, n, c, dtype=dtype, g=g) for _ in range(3))
+    if m:
+        rb = b if per_row_ref else 1
+        k_ref, v_ref = (_rand(rb, m, c, dtype=ref_dtype or dtype, g=g) for _ in range(2))
+    else:
+        k_ref = v_ref = None
+    t = time.perf_counter()
+    out = ra.reference_attention(q, k, v, k_ref, v_ref, heads, flags, block_m=block_m, block_n=block_n)
+    elapsed = time.perf_counter() - t
+    ref = ra.reference_attention_torch(q, k, v, k_ref, v_ref, heads, flags)
+    assert out.shape == q.shape and out.dtype == dtype
+    return _check(out, ref, dtype, f"d={d} {dtype} n={n} m={m} flags={flags}"), elapsed
+
+
+# Default run: every head dim, every dtype, partial tiles, flag mixes, strided inputs (~15 s).
+REF_CASES = [
+    # d, dtype, b, heads, n, m, flags, block_m, block_n
+    (40, F16, 3, 2, 37, 21, [1, 0, 1], 16, 16),     # partial q and k tiles, uncond row in the middle
+    (80, F32, 2, 1, 50, 19, None, None, None),      # default blocks, every row uses the reference
+    (160, F16, 2, 1, 23, 40, [0, 1], 16, 32),
+    (64, BF16, 2, 2, 17, 9, [1, 1], 16, 16),        # power-of-two head (no tail), bf16 (fp32 dots)
+    (40, F32, 2, 2, 1, 5, [1, 0], 16, 16),          # a single token per frame
+    (80, F16, 2, 1, 20, 0, None, 16, 16),           # no reference at all: plain attention
+]
+
+
+@pytest.mark.parametrize("d, dtype, b, heads, n, m, flags, bm, bn", REF_CASES)
+def test_reference_attention(d, dtype, b, heads, n, m, flags, bm, bn):
+    _ref_case(d, dtype, b, heads, n, m, flags, bm, bn)
+
+
+def test_reference_attention_strided_and_mixed_dtype():
+    # q/k/v slices of a fused projection; an fp32 reference cache read by fp16 frames (cast in-kernel)
+    _ref_case(80, F16, 2, 1, 19, 13, [1, 0], 16, 16, fused_qkv=True, ref_dtype=F32)
+
+
+def test_reference_attention_per_row_reference():
+    _ref_case(40, F16, 2, 1, 9, 11, [1, 1], 16, 16, per_row_ref=True)
+
+
+def test_reference_attention_all_uncond_equals_plain_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (_rand(2, 21, 80, dtype=F32, g=g) for _ in range(3))
+    k_ref, v_ref = (_rand(1, 7, 80, dtype=F32, g=g) for _ in range(2))
+    out = ra.reference_attention(q, k, v, k_ref, v_ref, 2, torch.zeros(2, dtype=torch.bool),
+                                 block_m=16, block_n=16)
+    _check(out, attn_math.attention(q, k, v, 2), F32, "uncond rows")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("n, m", [(1, 1), (16, 16), (33, 65), (77, 50)])
+def test_reference_attention_sweep(d, dtype, n, m):
+    _ref_case(d, dtype, 3, 2, n, m, [1, 0, 1], 16, 32, seed=n * 1000 + m)
+
+
+# ------------------------------------------------------------------------- temporal attention
+def _temporal_case(d, dtype, positions, f, heads, bias, block_p=None, fused_qkv=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = heads * d
+    if fused_qkv:
+        q, k, v = _rand(positions, f, 3 * c, dtype=dtype, g=g).split(c, dim=-1)
+    else:
+        q, k, v = (_rand(positions, f, c, dtype=dtype, g=g) for _ in range(3))
+    biases = [_rand(f, c, dtype=dtype, scale=0.5, g=g) for _ in range(3)] if bias else [None] * 3
+    out = ta.temporal_attention(q, k, v, heads, *biases, block_p=block_p)
+    ref = ta.temporal_attention_torch(q, k, v, heads, *biases)
+    assert out.shape == q.shape and out.dtype == dtype
+    return _check(out, ref, dtype, f"d={d} {dtype} f={f} positions={positions} bias={bias}")
+
+
+TEMPORAL_CASES = [
+    # d, dtype, positions, f, heads, bias, block_p
+    (40, F16, 13, 24, 2, True, 4),      # Moore's 24-frame window, partial position block
+    (80, F32, 5, 1, 1, True, None),     # a single frame: softmax over one key
+    (160, F16, 6, 32, 1, False, 4),     # the maximum window
+    (40, BF16, 9, 7, 2, True, None),    # frames not a power of two, bf16 (fp32 dots)
+    (80, F16, 3, 16, 2, False, 2),
+    (64, F32, 7, 13, 1, True, None),    # power-of-two head: no tail chunk
+]
+
+
+@pytest.mark.parametrize("d, dtype, positions, f, heads, bias, bp", TEMPORAL_CASES)
+def test_temporal_attention(d, dtype, positions, f, heads, bias, bp):
+    _temporal_case(d, dtype, positions, f, heads, bias, bp)
+
+
+def test_temporal_attention_strided():
+    _temporal_case(40, F16, 5, 9, 2, True, 2, fused_qkv=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("f", [1, 2, 5, 8, 12, 16, 17, 24, 31, 32])
+def test_temporal_attention_sweep(d, dtype, f):
+    _temporal_case(d, dtype, 11, f, 2, f % 2 == 0, None, seed=f)
+
+
+def test_fold_positional_encoding_is_exact():
+    """(x + pe) W^T == x W^T + pe W^T: the module's output with pe folded into per-frame biases."""
+    from aa_trt.models.motion import TemporalAttention
+    torch.manual_seed(0)
+    mod = TemporalAttention(80, 2, 32).to(DEVICE)
+    x = torch.randn(6, 24, 80, device=DEVICE)
+    with torch.no_grad():
+        expected = mod(x)
+        bq, bk, bv = ta.fold_positional_encoding(mod.pos_encoder.pe, (mod.to_q.weight, mod.to_k.weight,
+                                                                      mod.to_v.weight), 24)
+        q, k, v = mod.to_q(x), mod.to_k(x), mod.to_v(x)
+        plain = mod.to_out[0](attn_math.temporal_attention(q, k, v, 2, bq, bk, bv))  # torch path
+        fused = mod.to_out[0](ta.temporal_attention(q, k, v, 2, bq, bk, bv))          # kernel
+    assert (plain - expected).abs().max().item() < 1e-5
+    assert (fused - expected).abs().max().item() < 1e-5
+
+
+# --------------------------------------------------------------------------------- dispatch
+@pytest.fixture
+def backend():
+    previous = attn_math.get_backend()
+    yield attn_math.set_backend
+    attn_math.set_backend(previous)
+
+
+def test_unknown_backend_is_refused(backend):
+    with pytest.raises(ValueError, match="auto, sdpa, triton"):
+        backend("cuda")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU path")
+def test_auto_backend_leaves_cpu_untouched(backend, monkeypatch):
+    backend("auto")
+    calls = []
+    monkeypatch.setattr(ra, "reference_attention", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(ta, "temporal_attention", lambda *a, **k: calls.append(a))
+    q, k, v = (torch.randn(2, 16, 80, dtype=F16) for _ in range(3))
+    kr, vr = (torch.randn(1, 8, 80, dtype=F16) for _ in range(2))
+    attn_math.reference_attention(q, k, v, kr, vr, 2)
+    attn_math.attention(q, k, v, 2)
+    assert not calls
+
+
+def test_use_reference_flags_in_the_plain_path(backend):
+    backend("sdpa")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(4, 10, 64, generator=g) for _ in range(3))
+    kr, vr = (torch.randn(1, 7, 64, generator=g) for _ in range(2))
+    flags = [True, False, False, True]
+    out = attn_math.reference_attention(q, k, v, kr, vr, 2, flags)
+    ref = ra.reference_attention_torch(q, k, v, kr, vr, 2, flags)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def _tiny_blocks(dim, heads):
+    from aa_trt.models.layers import TransformerBlock
+    from aa_trt.models.motion import TemporalTransformerBlock
+    torch.manual_seed(0)
+    spatial = TransformerBlock(dim, heads, context_dim=32, index=0).to(DEVICE).eval()
+    temporal = TemporalTransformerBlock(dim, heads, n_attn=2, max_len=32).to(DEVICE).eval()
+    return spatial, temporal
+
+
+@pytest.mark.parametrize("d", [40, 80])
+def test_blocks_through_kernels_equal_sdpa(backend, monkeypatch, d):
+    """A spatial transformer block with the reference K/V (cond and uncond rows) and a temporal
+    block, run with backend 'triton' (interpreter on CPU) and with SDPA, fp32."""
+    from aa_trt.models.layers import ReferenceState
+    heads, f = 2, 3
+    spatial, temporal = _tiny_blocks(heads * d, heads)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * f, 20, heads * d, generator=g).to(DEVICE)          # 2 rows x 3 frames, 4x5 tokens
+    ctx = torch.randn(2 * f, 4, 32, generator=g).to(DEVICE)
+    kv = [tuple(torch.randn(1, 12, heads * d, generator=g).to(DEVICE) for _ in range(2))]
+    state = ReferenceState(kv=kv, runs=ReferenceState.row_runs([False, True], f))
+    xt = torch.randn(9, 24, heads * d, generator=g).to(DEVICE)              # (positions, frames, c)
+    launches = []
+    for mod, fn in ((ra, "reference_attention"), (ta, "temporal_attention")):
+        original = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _f=original, _n=fn, **k: launches.append(_n) or _f(*a, **k))
+    outs = {}
+    with torch.no_grad():
+        for name in ("sdpa", "triton"):
+            backend(name)
+            outs[name] = spatial(x, ctx, state), temporal(xt)
+    # cond rows: the fused kernel; uncond rows (20 tokens) and both temporal attentions: temporal kernel
+    assert sorted(launches) == ["reference_attention"] + ["temporal_attention"] * 3
+    for a, b in zip(outs["triton"], outs["sdpa"]):
+        assert (a - b).abs().max().item() < 2e-5
+
+
+# ------------------------------------------------------------------------------- CUDA only
+@needs_cuda
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_reference_attention_cuda_sd15_shapes(d, dtype):
+    # 512x768 latent at the block's resolution: 64x96 / 2**level tokens; 16 frames, cond + uncond
+    n = {40: 64 * 96, 80: 32 * 48, 160: 16 * 24}[d]
+    _ref_case(d, dtype, 4, 8, n, n, [0, 0, 1, 1], seed=d)
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_temporal_attention_cuda_sd15_shapes(d, dtype):
+    positions = {40: 64 * 96, 80: 32 * 48, 160: 16 * 24}[d]
+    _temporal_case(d, dtype, positions, 24, 8, True, seed=d)
+
+
+def _cuda_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@needs_cuda
+def test_kernels_not_slower_than_sdpa_cuda(backend):
+    """Reports the kernels' time against SDPA at a 512x768, 24-frame shape (cond rows only):
+    fails only if a kernel is more than 2x slower than the plain path."""
+    b, heads, d, n = 24, 8, 40, 64 * 96
+    q, k, v = (torch.randn(b, n, heads * d, device="cuda", dtype=F16) for _ in range(3))
+    kr, vr = (torch.randn(1, n, heads * d, device="cuda", dtype=F16) for _ in range(2))
+    times = {}
+    for name in ("sdpa", "triton"):
+        backend(name)
+        times[name] = _cuda_ms(lambda: attn_math.reference_attention(q, k, v, kr, vr, heads))
+    print(f"reference attention: triton {times['triton']:.2f} ms, sdpa (concat) {times['sdpa']:.2f} ms")
+    assert times["triton"] < 2 * times["sdpa"]
+
+
+@needs_cuda
+def test_denoising_step_kernels_equal_plain_cuda_fp16(backend):
+    """The whole denoising UNet call (sd15 widths, 8 frames, 256x256, uncond + cond rows, reference
+    K/V) with the kernels against the plain SDPA path, both fp16: relative L2 error < 1e-2."""
+    from helpers import randomize_
+
+    from aa_trt.config import PRESETS
+    from aa_trt.models import UNet
+    from aa_trt.models.layers import ReferenceState
+    from aa_trt.models.reference_kv import compute_reference_kv
+    cfg, f, hw = PRESETS["sd15"], 8, 32
+    with torch.device("cuda"):
+        den = UNet(cfg.unet, cfg.motion)
+        refnet = UNet(cfg.unet, with_output=False)
+    randomize_(den, 0)
+    randomize_(refnet, 1)
+    den, refnet = den.half().eval().requires_grad_(False), refnet.half().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 1, cfg.unet.cross_attention_dim, generator=g).cuda().half()
+    ref_latent = torch.randn(1, 4, hw, hw, generator=g).cuda().half()
+    x = torch.randn(2 * f, 4, hw, hw, generator=g).cuda().half()
+    ctx = torch.cat([torch.zeros_like(clip), clip])
+    outs = {}
+    with torch.no_grad():
+        backend("sdpa")
+        kv = compute_reference_kv(refnet, den, ref_latent, clip, cfg.bank_dtype)
+        state = ReferenceState(kv=kv.pairs, runs=ReferenceState.row_runs([False, True], f))
+        for name in ("sdpa", "triton"):
+            backend(name)
+            outs[name] = den(x, 500, ctx, frames=f, ref=state).float()
+    rel = ((outs["triton"] - outs["sdpa"]).norm() / outs["sdpa"].norm()).item()
+    assert rel < 1e-2, rel
