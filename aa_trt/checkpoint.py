@@ -39,17 +39,20 @@ class Models:
         return {name: getattr(self, name) for name in COMPONENTS}
 
 
-def build_models(config: ModelConfig, device: str | torch.device = "cpu") -> Models:
-    """Every submodel with fresh (library-default) weights; device="meta" allocates nothing."""
+def build_models(config: ModelConfig, device: str | torch.device = "cpu",
+                 components: tuple[str, ...] = COMPONENTS) -> Models:
+    """Submodels with fresh (library-default) weights; device="meta" allocates nothing. Components
+    not asked for are None (and their libraries are not imported: diffusers/transformers are slow
+    to import, and a follower rank needs only the UNet)."""
+    builders = {
+        "denoising_unet": lambda: UNet(config.unet, config.motion),
+        "reference_unet": lambda: UNet(config.unet, with_output=False),
+        "pose_guider": lambda: PoseGuider(config.pose_guider),
+        "vae": lambda: build_vae(config.vae),
+        "image_encoder": lambda: build_clip(config.clip),
+    }
     with torch.device(device):
-        return Models(
-            config=config,
-            denoising_unet=UNet(config.unet, config.motion),
-            reference_unet=UNet(config.unet, with_output=False),
-            pose_guider=PoseGuider(config.pose_guider),
-            vae=build_vae(config.vae),
-            image_encoder=build_clip(config.clip),
-        )
+        return Models(config=config, **{c: builders[c]() if c in components else None for c in COMPONENTS})
 
 
 def check_state_dict(path, component: str, module: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -155,7 +158,7 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.float32,
     path = Path(path)
     config = read_config(path)
     try:
-        models = build_models(config, "meta")
+        models = build_models(config, "meta", components)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: its config cannot build the models ({e})") from None
     device = torch.device(device)
@@ -175,11 +178,8 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype = torch.float32,
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from None
 
-    for comp in COMPONENTS:
+    for comp in components:
         module = getattr(models, comp)
-        if comp not in components:
-            setattr(models, comp, None)
-            continue
         sd = grouped[comp]
         check_state_dict(path, comp, module, sd)
         cdtype = (component_dtypes or {}).get(comp, dtype)

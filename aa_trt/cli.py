@@ -64,7 +64,34 @@ def _run(args) -> int:
     opts = RunOptions(**{k: getattr(args, k) for k in RunOptions.__dataclass_fields__
                          if hasattr(args, k) and k not in ("ref", "driving", "output")},
                       ref=args.ref, driving=args.driving, output=args.output)
+    from .distributed import launched_world_size
+    if launched_world_size() > 1:  # under torchrun: one video, its windows shared among the ranks
+        from .distributed import run_parallel
+        return run_parallel(opts, args.parallel, lambda result: _report(args, result))
     return _report(args, run(opts))
+
+
+def _batch(args) -> int:
+    import os
+
+    from .batch import run_batch, summary_line
+    from .errors import AATrtError
+    from .run import as_json
+
+    defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype}
+    lead = int(os.environ.get("RANK", "0")) == 0
+    try:
+        s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print)
+    except AATrtError as e:
+        from .distributed import CommunicationError
+        if lead or isinstance(e, CommunicationError):
+            raise
+        return e.exit_code  # every rank failed the same way; rank 0 says it
+    if lead:
+        print(as_json(s) if args.json else summary_line(s))
+        for f in s["failures"]:
+            print(f"aa-trt: job {f['job']} (line {f['line']}) failed: {f['error']}", file=sys.stderr)
+    return 1 if s["failed"] else 0
 
 
 def _pose(args) -> int:
@@ -72,6 +99,27 @@ def _pose(args) -> int:
 
     return _report(args, pose_preview(args.driving, args.output, args.ref, args.dwpose, args.frames,
                                       args.stride, args.start, args.quiet))
+
+
+def _data_synth(args) -> int:
+    from .training.synthetic import synthesize
+
+    t = time.perf_counter()
+    meta = synthesize(args.out, args.videos, args.size, frames=args.frames, seed=args.seed,
+                      formats=tuple(args.format.split(",")), progress=not args.quiet)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in meta.items())
+    print(f"wrote {args.out} ({counts}) in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def _train(args) -> int:
+    from .training.loop import TrainOptions, train
+
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if hasattr(args, k)})
+    path = train(opts, progress=not args.quiet)
+    if path is not None:
+        print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=None, help="output height, a multiple of 8")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="compute precision")
+    r.add_argument("--parallel", choices=("auto", "window", "guidance", "both"), default="auto",
+                   help="under torchrun: share each step's context windows among the ranks (window), "
+                   "put the uncond and cond branches on two groups of ranks (guidance; both: the same, "
+                   "windows sharded inside each group), or pick the plan with the least work on the "
+                   "busiest rank (auto, default). Ignored in a single process")
     _add_report_flags(r)
     r.set_defaults(func=_run)
+
+    bt = sub.add_parser("batch", help="many videos: one JSON line per job, shared among torchrun ranks, resumable",
+                        description="Run the jobs of JOBS (one JSON object per line: ref, driving, output and "
+                        "any `run` option by name, e.g. {\"ref\": \"a.png\", \"driving\": \"d.mp4\", "
+                        "\"output\": \"a.mp4\", \"steps\": 20, \"pose_video\": true}; relative paths from the "
+                        "jobs file's folder). Under torchrun job i runs on rank i % world. Jobs whose output "
+                        "exists are skipped, so a stopped batch resumes where it was; each job's state is "
+                        "kept in JOBS.status/. A failing job is recorded and the batch goes on; the exit "
+                        "code is 1 if any job failed.")
+    bt.add_argument("jobs", type=Path, help="jobs file (.jsonl)")
+    bt.add_argument("--ckpt", type=Path, default=None, help="checkpoint for jobs that name none")
+    bt.add_argument("--device", default=None, help="device for jobs that name none (cuda: each rank its GPU)")
+    bt.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                    help="precision for jobs that name none")
+    bt.add_argument("--status", type=Path, default=None, metavar="DIR",
+                    help="folder for the per-job status files (default: JOBS.status beside the jobs file)")
+    _add_report_flags(bt)
+    bt.set_defaults(func=_batch)
 
     q = sub.add_parser("pose", help="render a video's extracted skeletons beside its frames, to check them",
                        description="Extract the poses of a dance video and write them side by side "
@@ -170,6 +241,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(q)
     _add_report_flags(q)
     q.set_defaults(func=_pose)
+
+    d = sub.add_parser("data", help="make training data (synthetic dancing characters)",
+                       description="Training data for `aa-trt train`, in Moore's meta-JSON format.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    s = dsub.add_parser("synth", help="synthetic characters dancing, with exact pose renderings",
+                        description="Textured 2D puppets on the 18-point skeleton performing procedural "
+                        "dances. Writes videos/ (mp4s in Moore's {video_path, kps_path} layout and/or "
+                        "lossless npz with the keypoints), train.json, test_characters.json (held-out "
+                        "characters), test_motions.json (held-out motions) and dataset.json. The same "
+                        "seed gives the same data.")
+    s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
+    s.add_argument("--videos", required=True, type=int, metavar="N", help="videos in all splits together")
+    s.add_argument("--size", required=True, type=int, metavar="S", help="frame width and height (multiple of 8)")
+    s.add_argument("--frames", type=int, default=24, metavar="F", help="frames per video (default 24)")
+    s.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    s.add_argument("--format", default="mp4,npz", help="mp4, npz or both (default mp4,npz)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_data_synth)
+
+    t = sub.add_parser("train", help="train stage 1 or 2 (single process or under torchrun)",
+                       description="Stage 1: denoising UNet (without motion modules), ReferenceNet and "
+                       "PoseGuider on single frames. Stage 2: motion modules only, on clips. v-prediction on "
+                       "the checkpoint's zero-SNR schedule, min-SNR weighting, offset noise, unconditional "
+                       "samples, AdamW. Under `torchrun --nproc_per_node N` it trains with "
+                       "DistributedDataParallel (--batch is per process). Writes DIR/train_state.pt "
+                       "(resumable), DIR/log.jsonl and DIR/model.safetensors (an aa-trt checkpoint).")
+    t.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    t.add_argument("--data", required=True, metavar="DIR", help="data folder (train.json) or a meta JSON file")
+    t.add_argument("--out", required=True, metavar="DIR", help="folder for the state, log and checkpoint")
+    t0 = t.add_mutually_exclusive_group(required=True)
+    t0.add_argument("--init", metavar="CKPT", help="start from this aa-trt checkpoint")
+    t0.add_argument("--preset", metavar="NAME", help="start from scratch with this preset (e.g. tiny)")
+    t.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default 1000)")
+    t.add_argument("--batch", type=int, default=4, help="samples per process and step (default 4)")
+    t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5, Moore's)")
+    t.add_argument("--frames", type=int, default=None, help="clip length (stage 2; default 16)")
+    t.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
+    t.add_argument("--size", type=int, default=None, help="train at SxS (default: the data's size)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order, noise and scratch weights")
+    t.add_argument("--uncond-ratio", type=float, default=0.1, help="unconditional samples (default 0.1)")
+    t.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR gamma, 0 = off (default 5)")
+    t.add_argument("--noise-offset", type=float, default=0.05, help="offset noise (default 0.05)")
+    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    t.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="mixed precision (CUDA only; default no)")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
+    t.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    t.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt if present")
+    t.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    t.add_argument("--quiet", action="store_true", help="no per-step output")
+    t.set_defaults(func=_train)
     return p
 
 

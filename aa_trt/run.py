@@ -128,7 +128,8 @@ def driving_poses(opts: RunOptions, clip, ref_image, width: int, height: int, ti
     return images, {"pose_source": type(extractor).__name__, "frames_with_person": found}
 
 
-def run(opts: RunOptions, progress_print=print) -> dict:
+def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
+    """`make_animator(ckpt, device=, dtype=)` replaces Animator.from_pretrained (torchrun, batch)."""
     import torch
 
     from .pipeline import Animator
@@ -163,7 +164,7 @@ def run(opts: RunOptions, progress_print=print) -> dict:
             from .backends import animator_from_dir
             anim = animator_from_dir(opts.engine, ckpt)
         else:
-            anim = Animator.from_pretrained(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
+            anim = (make_animator or Animator.from_pretrained)(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
     poses, facts = driving_poses(opts, clip, ref_image, width, height, timer)
     with timer("animate"):
         frames = anim(ref_image, poses, steps=opts.steps, guidance=opts.guidance,

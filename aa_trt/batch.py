@@ -1,0 +1,204 @@
+"""`aa-trt batch jobs.jsonl`: many videos, shared among torchrun ranks, resumable.
+
+One JSON object per line: {"ref": ..., "driving": ..., "output": ..., plus any `aa-trt run` option
+by its RunOptions name, e.g. "steps": 20, "seed": 1, "pose_video": true}. Relative paths are
+relative to the jobs file's folder. Job i (0-based, blank lines and lines starting with # not
+counted) runs on rank i % world; each rank runs its jobs one after another in one process.
+
+A job whose output exists is skipped: that is what makes a batch resumable (outputs appear only
+when complete, see video.atomic_output). Each job's state goes to its own file,
+JOBS.status/job-00000.json (written atomically, so no locking between processes): running, done,
+skipped, failed (with the error) or interrupted. A failed job does not stop the batch; it runs
+again on the next start (it has no output). The exit code is 1 if any job failed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+from .errors import AATrtError, InputError
+
+PATH_FIELDS = ("ref", "driving", "output", "ckpt", "engine", "dwpose")
+REQUIRED = ("ref", "driving", "output")
+BATCH_TIMEOUT_S = 7 * 24 * 3600  # the closing gather waits for the slowest rank's jobs
+BATCH_TIMEOUT_ENV = "AA_TRT_BATCH_TIMEOUT"
+
+
+def status_dir(jobs: Path) -> Path:
+    return jobs.with_name(jobs.name + ".status")
+
+
+def status_path(folder: Path, index: int) -> Path:
+    return folder / f"job-{index:05d}.json"
+
+
+def write_status(path: Path, record: dict) -> None:
+    """Atomic: a temporary file beside it, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jobs(path: Path) -> list[tuple[int, dict | Exception]]:
+    """[(line number, job dict or the error that line has)], one per non-blank, non-# line."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such jobs file")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            job = json.loads(line)
+            if not isinstance(job, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            job = InputError(f"{path}:{n}: not a JSON object ({e})")
+        out.append((n, job))
+    return out
+
+
+def job_options(job: dict, base: Path, defaults: dict):
+    """A job's RunOptions: its keys (dashes or underscores) over the batch defaults."""
+    from .run import RunOptions
+
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    # The batch's own defaults (command-line flags) are relative to the working folder, the
+    # job's paths to the jobs file's folder.
+    kw = {k: (Path(v).absolute() if k in PATH_FIELDS else v) for k, v in defaults.items() if v is not None}
+    for key, value in job.items():
+        name = key.replace("-", "_")
+        if name not in fields or name == "quiet":
+            raise InputError(f"unknown job option {key!r}; expected some of: {', '.join(sorted(fields - {'quiet'}))}")
+        if name in PATH_FIELDS and value is not None:
+            value = Path(os.path.expanduser(str(value)))
+            value = value if value.is_absolute() else base / value
+        kw[name] = value
+    missing = [k for k in REQUIRED if not kw.get(k)]
+    if missing:
+        raise InputError(f"job without {', '.join(missing)}")
+    kw["quiet"] = True
+    return RunOptions(**kw)
+
+
+def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = None,
+              print_fn=print) -> dict:
+    """Run this rank's share of the jobs; returns the summary over all ranks (gathered)."""
+    from . import distributed as D
+
+    jobs_path = Path(jobs_path)
+    started = D.init_process_group("cpu", backend="gloo", timeout_s=BATCH_TIMEOUT_S, timeout_env=BATCH_TIMEOUT_ENV)
+    try:
+        rank, world = D.rank(), D.world_size()
+        jobs = read_jobs(jobs_path)
+        folder = Path(status) if status is not None else status_dir(jobs_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        failures = []
+        outputs: dict[str, int] = {}
+        planned = []
+        for i, (line, job) in enumerate(jobs):  # every rank parses every job: the same duplicates
+            opts = job
+            if not isinstance(job, Exception):
+                try:
+                    opts = job_options(job, jobs_path.parent, defaults or {})
+                    key = str(opts.output.resolve())
+                    if key in outputs:
+                        raise InputError(f"{opts.output}: same output as job {outputs[key]}")
+                    outputs[key] = i
+                except AATrtError as e:
+                    opts = InputError(f"{jobs_path}:{line}: {e}")
+            planned.append((i, line, opts))
+        cache: dict = {}
+        for i, line, opts in planned:
+            if i % world != rank:
+                continue
+            state, detail = _one(i, line, opts, status_path(folder, i), rank, cache)
+            counts[state] += 1
+            if state == "failed":
+                failures.append({"job": i, "line": line, "error": detail})
+            if state != "skipped":
+                where = f"[rank {rank}] " if world > 1 else ""
+                print_fn(f"{where}job {i} (line {line}): {state}" + (f": {detail}" if detail else ""))
+        mine = {"rank": rank, "counts": counts, "failures": failures}
+        parts = [mine]
+        if D.active():
+            parts = [None] * world
+            D._comm(D.dist.all_gather_object, parts, mine)
+    finally:
+        D.shutdown(started)
+    total = {k: sum(p["counts"][k] for p in parts) for k in counts}
+    fails = sorted((f for p in parts for f in p["failures"]), key=lambda f: f["job"])
+    return {"jobs": len(jobs), **total, "failures": fails, "status": str(folder), "world_size": world}
+
+
+def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[str, str]:
+    from .run import run
+
+    base = {"job": i, "line": line, "rank": rank, "pid": os.getpid()}
+    if isinstance(opts, Exception):
+        write_status(path, {**base, "state": "failed", "error": str(opts), "finished": time.time()})
+        return "failed", str(opts)
+    base["output"] = str(opts.output)
+    if opts.output.exists():
+        old = read_status(path)
+        if not (old and old.get("state") in ("done", "skipped") and old.get("output") == str(opts.output)):
+            write_status(path, {**base, "state": "skipped", "reason": "output exists", "finished": time.time()})
+        return "skipped", ""
+    t0 = time.time()
+    write_status(path, {**base, "state": "running", "started": t0})
+    _remove_stale_partials(opts.output)
+
+    def make_animator(ckpt, device, dtype):
+        from . import distributed as D
+        from .pipeline import Animator
+
+        key = (str(Path(ckpt).resolve()), str(D.local_device(str(device))), str(dtype))
+        if key not in cache:
+            cache.clear()  # one model in memory at a time
+            cache[key] = Animator.from_pretrained(ckpt, device=key[1], dtype=dtype)
+        return cache[key]
+
+    try:
+        result = run(opts, make_animator=make_animator)
+    except AATrtError as e:
+        err = str(e)
+    except Exception as e:  # noqa: BLE001 -- one bad job must not stop the batch
+        err = f"{type(e).__name__}: {e}"
+        base["traceback"] = traceback.format_exc()
+    except BaseException:
+        write_status(path, {**base, "state": "interrupted", "started": t0, "finished": time.time()})
+        raise
+    else:
+        write_status(path, {**base, "state": "done", "started": t0, "finished": time.time(),
+                            "seconds": round(time.time() - t0, 3), "result": result})
+        return "done", ""
+    write_status(path, {**base, "state": "failed", "error": err, "started": t0, "finished": time.time()})
+    return "failed", err
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """A killed run leaves its temporary output (video.atomic_output's .NAME.PID.partial.EXT);
+    jobs have distinct outputs, so any such file of this job's output is stale."""
+    if output.parent.is_dir():
+        for p in output.parent.glob(f".{output.stem}.*.partial{output.suffix}"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def summary_line(s: dict) -> str:
+    return (f"batch: {s['jobs']} jobs: {s['done']} done, {s['skipped']} skipped (output exists), "
+            f"{s['failed']} failed; status in {s['status']}")
