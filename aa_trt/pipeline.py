@@ -179,11 +179,14 @@ class Animator:
         from tqdm.auto import tqdm
 
         z = latents[0].permute(1, 0, 2, 3)  # (N, 4, h, w)
-        frames = []
+        frames = None  # filled chunk by chunk: the video is held once, not twice
         for s in tqdm(range(0, z.shape[0], chunk), desc="decode", disable=not progress):
             x = self.models.vae.decode((z[s:s + chunk] / self.config.latent_scale).to(self.vae_dtype)).sample
-            frames.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
-        return torch.cat(frames).numpy()
+            x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            if frames is None:
+                frames = np.empty((z.shape[0],) + x.shape[1:], np.float32)
+            frames[s:s + len(x)] = x
+        return frames
 
     # ------------------------------------------------------------------ all together
     def __call__(self, ref_image: Image.Image, poses: np.ndarray, steps: int = 20, guidance: float = 3.5,
