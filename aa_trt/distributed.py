@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .errors import AATrtError, InputError
 from .pipeline import Animator, Conditioning
 from .models.reference_kv import ReferenceKV
-from .sampling import context_windows, ddim_schedule, sample_ddim
+from .sampling import context_windows, ddim_schedule, sample_ddim, window_counts
 
 PARALLEL_MODES = ("auto", "window", "guidance", "both")
 TIMEOUT_ENV = "AA_TRT_DIST_TIMEOUT"  # seconds a collective may wait (default 1800)
@@ -271,13 +271,7 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
         raise ValueError("the plan's branches do not match the guidance scale")
     nb = len(all_b)
     row = all_b.index(plan.branches[0])  # this rank's rows: row .. row + len(plan.branches)
-    idx = [torch.as_tensor(w, dtype=torch.long) for w in windows]
-    n_frames = max(max(w) for w in windows) + 1
-    counts = torch.zeros(n_frames)
-    for w in idx:
-        counts.index_add_(0, w, torch.ones(len(w)))
-    if (counts == 0).any():
-        raise ValueError("context windows leave frames uncovered")
+    idx, counts = window_counts(windows)
     mine = [idx[i] for i in plan.windows]
 
     def model(x: torch.Tensor, t: int) -> torch.Tensor:

@@ -145,6 +145,17 @@ def context_windows(n: int, size: int, overlap: int, schedule: str = "uniform") 
 
 
 # ---------------------------------------------------------------------------------- guidance
+def window_counts(windows: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The windows as index tensors, and how many windows cover each frame (N,)."""
+    idx = [torch.as_tensor(w, dtype=torch.long) for w in windows]
+    counts = torch.zeros(max(max(w) for w in windows) + 1)
+    for w in idx:
+        counts.index_add_(0, w, torch.ones(len(w)))
+    if (counts == 0).any():
+        raise ValueError("context windows leave frames uncovered")
+    return idx, counts
+
+
 def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], guidance: float,
                       window_batch: int = 1, on_windows: Callable[[int], None] | None = None) -> Callable:
     """A whole-video model from a per-window UNet step, Moore's aggregation:
@@ -157,13 +168,7 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
     after each UNet call with the number of windows it ran (progress reporting).
     """
     branches = ("uncond", "cond") if guidance > 1.0 else ("cond",)
-    idx = [torch.as_tensor(w, dtype=torch.long) for w in windows]
-    n_frames = max(max(w) for w in windows) + 1
-    counts = torch.zeros(n_frames)
-    for w in idx:
-        counts.index_add_(0, w, torch.ones(len(w)))
-    if (counts == 0).any():
-        raise ValueError("context windows leave frames uncovered")
+    idx, counts = window_counts(windows)
 
     def model(x: torch.Tensor, t: int) -> torch.Tensor:
         # x (1, c, N, h, w) -> guided prediction (1, c, N, h, w)
