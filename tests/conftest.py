@@ -11,3 +11,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_pose_cache(tmp_path_factory):
+    # Tests must not read poses a previous run cached in ~/.cache, nor leave any there.
+    import os
+
+    old = os.environ.get("AA_TRT_CACHE")
+    os.environ["AA_TRT_CACHE"] = str(tmp_path_factory.mktemp("aa_trt_cache"))
+    yield
+    if old is None:
+        os.environ.pop("AA_TRT_CACHE", None)
+    else:
+        os.environ["AA_TRT_CACHE"] = old
