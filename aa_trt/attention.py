@@ -71,6 +71,12 @@ def _use_kernels(q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> 
     return 16 <= d <= 256 and all(t.stride(-1) == 1 for t in ts)
 
 
+def kernels_for(x: torch.Tensor, heads: int) -> bool:
+    """Whether temporal attention on tokens like x (positions, f, c) runs the Triton kernel: the
+    motion modules then fold their positional encoding into per-frame biases (see below)."""
+    return x.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels(x, heads)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     # (b, n, h*d) -> (b, h, n, d)
     b, n, c = x.shape

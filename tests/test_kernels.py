@@ -342,3 +342,28 @@ def test_denoising_step_kernels_equal_plain_cuda_fp16(backend):
             outs[name] = den(x, 500, ctx, frames=f, ref=state).float()
     rel = ((outs["triton"] - outs["sdpa"]).norm() / outs["sdpa"].norm()).item()
     assert rel < 1e-2, rel
+
+
+def test_motion_attention_folds_pe_into_kernel_biases(backend, monkeypatch):
+    """On the kernel path a motion module's attention hands pe W^T to the kernel as per-frame biases
+    (no separate `x + pe` pass) and still equals the plain path; the folded biases are cached."""
+    from aa_trt.models.motion import TemporalAttention
+
+    torch.manual_seed(1)
+    attn = TemporalAttention(80, heads=2, max_len=32).to(DEVICE).eval()
+    x = torch.randn(6, 13, 80).to(DEVICE)  # (positions, frames, c)
+    seen = []
+    original = ta.temporal_attention
+    monkeypatch.setattr(ta, "temporal_attention",
+                        lambda q, k, v, h, *biases, **kw: seen.append(len([b for b in biases if b is not None]))
+                        or original(q, k, v, h, *biases, **kw))
+    with torch.no_grad():
+        backend("sdpa")
+        plain = attn(x)
+        backend("triton")
+        fused = attn(x)
+        cache = attn._pe_cache
+        attn(x)
+        assert attn._pe_cache is cache  # same weights, same frames: no refold
+    assert seen == [3, 3]
+    assert (fused - plain).abs().max().item() < 2e-5

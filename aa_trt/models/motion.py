@@ -50,9 +50,27 @@ class TemporalAttention(nn.Module):
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
     def forward(self, x):  # x (b*h*w, f, c)
+        if attn_math.kernels_for(x, self.heads):
+            # The kernel adds pe W^T per frame as it loads q/k/v: exact for bias-free projections,
+            # and one pass over the activations fewer than adding pe first.
+            bq, bk, bv = self._folded_pe(x.shape[1], x.dtype)
+            out = attn_math.temporal_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, bq, bk, bv)
+            return self.to_out[0](out)
         x = self.pos_encoder(x)
         out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
         return self.to_out[0](out)
+
+    def _folded_pe(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """pe[:frames] W^T for q, k, v (frames, c), cached until the weights or the shape change."""
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        key = (frames, dtype) + tuple((w.data_ptr(), w._version) for w in ws + (self.pos_encoder.pe,))
+        cached = getattr(self, "_pe_cache", None)
+        if cached is None or cached[0] != key:
+            from ..kernels.temporal_attention import fold_positional_encoding
+
+            cached = (key, fold_positional_encoding(self.pos_encoder.pe, ws, frames, dtype))
+            self._pe_cache = cached
+        return cached[1]
 
 
 class TemporalTransformerBlock(nn.Module):
