@@ -138,6 +138,19 @@ class ReferenceState:
     bank: list[torch.Tensor] | None = None
     bank_limit: int | None = None
 
+    def row_flags(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per frame row: does it read the reference? None when every row does. Cached on the
+        rows' device, so a captured step does not copy flags from the host on every block."""
+        if not self.runs or all(use for _, _, use in self.runs):
+            return None
+        cached = getattr(self, "_flags", None)
+        if cached is None or cached.device != x.device:
+            flags = torch.zeros(self.runs[-1][1], dtype=torch.int32)
+            for start, stop, use in self.runs:
+                flags[start:stop] = int(use)
+            self._flags = cached = flags.to(x.device)
+        return cached
+
     @staticmethod
     def row_runs(use_reference: list[bool] | tuple[bool, ...], frames: int) -> list[tuple[int, int, bool]]:
         runs, start = [], 0
@@ -172,14 +185,10 @@ class TransformerBlock(nn.Module):
         if ref is None or ref.kv is None:
             return a.to_out[0](attn_math.attention(q, k, v, a.heads))
         k_ref, v_ref = ref.kv[self.index]
-        outs = []
-        for start, stop, use in ref.runs or [(0, x.shape[0], True)]:
-            qs, ks, vs = q[start:stop], k[start:stop], v[start:stop]
-            if use:
-                outs.append(attn_math.reference_attention(qs, ks, vs, k_ref, v_ref, a.heads))
-            else:
-                outs.append(attn_math.attention(qs, ks, vs, a.heads))
-        return a.to_out[0](outs[0] if len(outs) == 1 else torch.cat(outs, dim=0))
+        # One call for cond and uncond rows: the kernel skips the reference per row; the plain
+        # path splits the batch into runs of equal flags.
+        out = attn_math.reference_attention(q, k, v, k_ref, v_ref, a.heads, ref.row_flags(x))
+        return a.to_out[0](out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
         # x (n, L, c) tokens, context (n, S, context_dim)
