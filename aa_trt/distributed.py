@@ -284,13 +284,13 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
             if check is not None:
                 check()
             for s in range(0, len(mine), window_batch):
-                group = mine[s:s + window_batch]
-                x_win = torch.cat([x[:, :, w.to(x.device)] for w in group])
-                pred = unet_step(x_win, t, [w.tolist() for w in group], plan.branches)
+                group = [w.to(x.device) for w in mine[s:s + window_batch]]
+                x_win = torch.cat([x[:, :, w] for w in group])
+                pred = unet_step(x_win, t, group, plan.branches)
                 pred = pred.view(len(plan.branches), len(group), *pred.shape[1:])
                 part = sums[row:row + len(plan.branches)]
                 for j, w in enumerate(group):
-                    part.index_add_(2, w.to(x.device), pred[:, j])
+                    part.index_add_(2, w, pred[:, j])
                 if on_windows is not None:
                     on_windows(len(group))
         except Exception as e:  # noqa: BLE001 -- reported to every rank below

@@ -127,8 +127,9 @@ class Animator:
         clip = cond.clip_embeds[:, None].to(self.dtype)  # (1, 1, D)
 
         @torch.no_grad()
-        def step(x_win: torch.Tensor, t: int, windows: list[list[int]], branches) -> torch.Tensor:
-            # x_win (k, c, F, h, w) -> (len(branches) * k, c, F, h, w)
+        def step(x_win: torch.Tensor, t: int, windows, branches) -> torch.Tensor:
+            # x_win (k, c, F, h, w), windows: k frame-index tensors or lists (F,)
+            #   -> (len(branches) * k, c, F, h, w)
             k, c, f, h, w = x_win.shape
             nb = len(branches)
             x = x_win.permute(0, 2, 1, 3, 4).reshape(k * f, c, h, w).to(self.dtype)

@@ -161,6 +161,7 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
     """A whole-video model from a per-window UNet step, Moore's aggregation:
 
     `unet_step(x_win, t, windows, branches)`: x_win (k, c, F, h, w) the latents of k windows,
+    `windows` their k frame-index tensors (F,) on x's device,
     `branches` ("uncond", "cond") or ("cond",) -> predictions (len(branches) * k, c, F, h, w),
     rows [branch 0: k windows, branch 1: k windows]. Predictions are summed per frame over the
     windows and divided by the per-frame count, then combined: uncond + g * (cond - uncond).
@@ -174,12 +175,12 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
         # x (1, c, N, h, w) -> guided prediction (1, c, N, h, w)
         sums = torch.zeros((len(branches),) + x.shape[1:], dtype=x.dtype, device=x.device)
         for s in range(0, len(idx), window_batch):
-            group = idx[s:s + window_batch]
-            x_win = torch.cat([x[:, :, w.to(x.device)] for w in group])
-            pred = unet_step(x_win, t, [w.tolist() for w in group], branches)
+            group = [w.to(x.device) for w in idx[s:s + window_batch]]
+            x_win = torch.cat([x[:, :, w] for w in group])
+            pred = unet_step(x_win, t, group, branches)
             pred = pred.view(len(branches), len(group), *pred.shape[1:])
             for j, w in enumerate(group):
-                sums.index_add_(2, w.to(x.device), pred[:, j])
+                sums.index_add_(2, w, pred[:, j])
             if on_windows is not None:
                 on_windows(len(group))
         sums = sums / counts.to(x.device, x.dtype).view(1, 1, -1, 1, 1)

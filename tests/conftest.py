@@ -25,3 +25,14 @@ def _private_pose_cache(tmp_path_factory):
         os.environ.pop("AA_TRT_CACHE", None)
     else:
         os.environ["AA_TRT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Tiny-model ops are far too small to share out: on 2 busy cores a second OpenMP thread only
+    adds waiting (measured ~10x slower steps, ~3x slower tracing). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

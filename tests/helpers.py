@@ -54,3 +54,14 @@ def random_meta_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> 
 
 def max_abs(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+def save_tiny_checkpoint(path, seed_base: int = 0):
+    """A tiny-preset checkpoint with random weights: component i gets seed seed_base + i."""
+    from aa_trt.checkpoint import build_models, save_models
+    from aa_trt.config import PRESETS
+
+    models = build_models(PRESETS["tiny"])
+    for i, module in enumerate(models.components().values()):
+        randomize_(module, seed=seed_base + i)
+    return save_models(path, models)

@@ -5,18 +5,13 @@ import torch
 from PIL import Image
 
 from aa_trt import Animator
-from aa_trt.checkpoint import build_models, save_models
-from aa_trt.config import PRESETS
 from aa_trt.errors import InputError
-from helpers import max_abs, randomize_
+from helpers import max_abs, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    models = build_models(PRESETS["tiny"])
-    for i, m in enumerate(models.components().values()):
-        randomize_(m, seed=100 + i)
-    return save_models(tmp_path_factory.mktemp("api") / "tiny.safetensors", models)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny.safetensors", 100)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,10 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from aa_trt.checkpoint import build_models, save_models
 from aa_trt.cli import main as cli
-from aa_trt.config import PRESETS
 from aa_trt.distributed import make_plan
 from aa_trt.sampling import context_windows
-from helpers import randomize_
+from helpers import save_tiny_checkpoint
 from media import make_reference, make_video, probe, stick_frames
 
 TIMEOUT = 180  # seconds any launched group may take before the test fails (2 busy cores)
@@ -52,10 +50,7 @@ def _inputs(n: int):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    models = build_models(PRESETS["tiny"])
-    for i, m in enumerate(models.components().values()):
-        randomize_(m, seed=300 + i)
-    return save_models(tmp_path_factory.mktemp("dist") / "tiny.safetensors", models)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "tiny.safetensors", 300)
 
 
 # ---------------------------------------------------------------------------------- plans

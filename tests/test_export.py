@@ -21,7 +21,7 @@ from PIL import Image
 pytest.importorskip("onnx", reason="onnx not installed (pip install 'aa-trt[export]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'aa-trt[export]')")
 
-from aa_trt.checkpoint import build_models, load_checkpoint, save_models  # noqa: E402
+from aa_trt.checkpoint import build_models, load_checkpoint  # noqa: E402
 from aa_trt.config import PRESETS  # noqa: E402
 from aa_trt.errors import InputError  # noqa: E402
 from aa_trt.export import manifest as mf  # noqa: E402
@@ -29,7 +29,7 @@ from aa_trt.export import tensorrt as trt_build  # noqa: E402
 from aa_trt.export.build import build  # noqa: E402
 from aa_trt.export.graphs import GRAPHS, BuildShapes, graph_specs  # noqa: E402
 from aa_trt.export.onnx_io import compare, ort_session, run_torch  # noqa: E402
-from helpers import max_abs, randomize_  # noqa: E402
+from helpers import max_abs, save_tiny_checkpoint  # noqa: E402
 
 # 32x32 pixels (4x4 latents), windows of up to 4 frames, 2 windows per UNet call.
 SHAPES = BuildShapes(height=32, width=32, frames=4, windows=2, decode_chunk=4, pose_chunk=4)
@@ -37,21 +37,12 @@ QUIET = dict(log=lambda s: None, tensorrt="off")
 _TRT_MISSING = trt_build.unavailable()  # "tensorrt not importable" / "no CUDA device" / None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny graphs: thread hand-offs cost more than the math, and on a shared 2-core machine a
-    # second spinning thread makes tracing 3x slower. One thread for torch and onnxruntime here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One thread for torch and onnxruntime here (see conftest.one_thread_module).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _tiny_checkpoint(path, seed=0):
-    models = build_models(PRESETS["tiny"])
-    for i, module in enumerate(models.components().values()):
-        randomize_(module, seed=seed * 10 + i)
-    return save_models(path, models)
+    return save_tiny_checkpoint(path, seed * 10)
 
 
 @pytest.fixture(scope="module")

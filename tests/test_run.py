@@ -8,20 +8,15 @@ import time
 import numpy as np
 import pytest
 
-from aa_trt.checkpoint import build_models, save_models
 from aa_trt.cli import main as cli
-from aa_trt.config import PRESETS
-from helpers import randomize_
+from helpers import save_tiny_checkpoint
 from media import make_reference, make_video, probe, stick_frames
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    models = build_models(PRESETS["tiny"])
-    for i, m in enumerate(models.components().values()):
-        randomize_(m, seed=200 + i)
-    return {"dir": d, "ckpt": save_models(d / "tiny.safetensors", models),
+    return {"dir": d, "ckpt": save_tiny_checkpoint(d / "tiny.safetensors", 200),
             "ref": make_reference(d / "ref.png", (48, 64)),
             "dance": make_video(d / "dance.mp4", stick_frames(12, (64, 64)), fps=10, audio=True)}
 

@@ -30,14 +30,7 @@ from helpers import max_abs, randomize_
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny-model ops are far too small to share out: on 2 busy cores a second OpenMP thread only
-    # adds waiting (measured: ~10x slower steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
