@@ -112,10 +112,46 @@ def _data_synth(args) -> int:
     return 0
 
 
+def _data_prepare(args) -> int:
+    from .training.prepare import prepare
+
+    entries = prepare(args.src, args.out, args.dwpose, args.max_frames, progress=not args.quiet)
+    print(f"wrote {args.out / 'train.json'} ({len(entries)} videos)")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from .training.evaluate import EvalOptions, evaluate, table
+
+    opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
+                       videos=args.videos, frames=args.frames, steps=args.steps, guidance=args.guidance,
+                       seed=args.seed, device=args.device, baselines=args.baselines)
+    result = evaluate(opts, progress=not args.quiet)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.output)
+    print(table(result))
+    return 0
+
+
 def _train(args) -> int:
+    from .errors import InputError
+
+    if args.stage == 0:
+        from .training.autoencoder import Stage0Options, train_stage0
+
+        fields = Stage0Options.__dataclass_fields__
+        opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+        print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
+        return 0
     from .training.loop import TrainOptions, train
 
-    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if hasattr(args, k)})
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
+                           if getattr(args, k, None) is not None})
     path = train(opts, progress=not args.quiet)
     if path is not None:
         print(f"wrote {path}")
@@ -260,6 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="mp4,npz", help="mp4, npz or both (default mp4,npz)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_data_synth)
+    pr = dsub.add_parser("prepare", help="real dance videos -> pose videos and train.json",
+                         description="Extract one skeleton per frame of every video under a folder (the "
+                         "pose extractor of `aa-trt run`) and write DIR/videos/<name>_kps.mp4 (renderings), "
+                         "<name>_kps.npz (keypoints) and DIR/train.json in Moore's {video_path, kps_path} "
+                         "format. Reruns skip videos already done.")
+    pr.add_argument("src", type=Path, help="folder of videos (searched recursively)")
+    pr.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
+    pr.add_argument("--dwpose", type=Path, default=None, metavar="DIR", help="DWPose ONNX folder")
+    pr.add_argument("--max-frames", type=int, default=None, metavar="N", help="use at most N frames per video")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_data_prepare)
+
+    e = sub.add_parser("eval", help="SSIM/PSNR/L1 on held-out synthetic videos, beside two baselines",
+                       description="Run the model on the test splits of a data folder (reference = frame 0, "
+                       "the next F frames driven by their exact poses) and score it against ground truth "
+                       "with SSIM, PSNR and L1, beside copying the reference and warping it by the skeleton.")
+    e.add_argument("--ckpt", required=True, type=Path, help="aa-trt checkpoint")
+    e.add_argument("--data", required=True, type=Path, metavar="DIR", help="folder made by `aa-trt data synth`")
+    e.add_argument("--splits", default="test_characters,test_motions", help="comma-separated split names")
+    e.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per split (default all)")
+    e.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
+    e.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    e.add_argument("--guidance", type=float, default=3.5, help="CFG scale (default 3.5)")
+    e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model only")
+    e.add_argument("-o", "--output", type=Path, default=None, help="write the full result as JSON here")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train stage 1 or 2 (single process or under torchrun)",
                        description="Stage 1: denoising UNet (without motion modules), ReferenceNet and "
@@ -268,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "samples, AdamW. Under `torchrun --nproc_per_node N` it trains with "
                        "DistributedDataParallel (--batch is per process). Writes DIR/train_state.pt "
                        "(resumable), DIR/log.jsonl and DIR/model.safetensors (an aa-trt checkpoint).")
-    t.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    t.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+                   help="0: the preset's small VAE and CLIP (for models that cannot ship SD's); "
+                   "1: image level; 2: motion modules")
     t.add_argument("--data", required=True, metavar="DIR", help="data folder (train.json) or a meta JSON file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder for the state, log and checkpoint")
     t0 = t.add_mutually_exclusive_group(required=True)
@@ -276,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     t0.add_argument("--preset", metavar="NAME", help="start from scratch with this preset (e.g. tiny)")
     t.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default 1000)")
     t.add_argument("--batch", type=int, default=4, help="samples per process and step (default 4)")
-    t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5, Moore's)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default 1e-5, Moore's; stage 0: 5e-4)")
+    t.add_argument("--crop", type=int, default=None, help="stage 0: VAE training crop in pixels (default 64)")
     t.add_argument("--frames", type=int, default=None, help="clip length (stage 2; default 16)")
     t.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
     t.add_argument("--size", type=int, default=None, help="train at SxS (default: the data's size)")
@@ -292,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
     t.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    t.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also export DIR/snapshots/step_N.safetensors every N steps (for curves)")
     t.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt if present")
     t.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     t.add_argument("--quiet", action="store_true", help="no per-step output")

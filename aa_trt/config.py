@@ -165,6 +165,17 @@ class ModelConfig:
     # Output size used when the caller gives none (pixels; multiples of 8).
     default_size: tuple[int, int] = (512, 768)  # (width, height)
 
+    def __post_init__(self):
+        pg = self.pose_guider
+        if self.vae and pg.variant == "moore" and 2 ** (len(pg.block_out_channels) - 1) != self.latent_factor:
+            raise ValueError(f"{self.name}: the PoseGuider downsamples by {2 ** (len(pg.block_out_channels) - 1)} "
+                             f"but the VAE by {self.latent_factor}; their feature maps would not line up")
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along each side: 2 ** (VAE levels - 1); SD's VAE gives 8."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1) if self.vae else 8
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -221,6 +232,21 @@ TINY_CLIP = dict(
     layer_norm_eps=1e-5, num_channels=3,
 )
 
+# The embedded default model's parts, trained here (stage 0): SD's VAE layout (8x, 4 channels) at
+# a quarter of its widths, and a 64-pixel CLIP ViT with a 64-wide projection. The VAE keeps SD's
+# 4 channels per norm group: with 2 (16 groups at width 32) a flat colour region leaves each
+# group only a sign after normalisation, and stage 0 stalled with grey reconstructions.
+SMALL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=[32, 64, 128, 128], sample_size=128, scaling_factor=1.0,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+SMALL_CLIP = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    patch_size=8, image_size=64, projection_dim=64, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5, num_channels=3,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig(name="sd15", vae=SD_VAE, clip=CLIP_VIT_L14),
     # The golden fixture's configuration (../shared/fixtures/moore_tiny).
@@ -233,6 +259,21 @@ PRESETS: dict[str, ModelConfig] = {
         vae=TINY_VAE,
         clip=TINY_CLIP,
         default_size=(64, 64),
+    ),
+    # The embedded default (aa_trt/assets/default.safetensors): 128x128 video (16x16 latents) at
+    # about 40 ms per frame and UNet call on two CPU cores. latent_scale = 1/std of the trained
+    # VAE's latents, measured by stage 0 and written into the checkpoint.
+    "small": ModelConfig(
+        name="small",
+        unet=UNetConfig(block_out_channels=(64, 128, 128), down_block_attention=(True, True, False),
+                        layers_per_block=1, num_heads=2, cross_attention_dim=64, norm_num_groups=16),
+        motion=MotionConfig(num_heads=2, norm_num_groups=16),
+        pose_guider=PoseGuiderConfig(block_out_channels=(16, 32, 64, 128), embedding_channels=64),
+        vae=SMALL_VAE,
+        clip=SMALL_CLIP,
+        latent_scale=1.0,
+        bank_dtype="float32",
+        default_size=(128, 128),
     ),
 }
 

@@ -78,7 +78,8 @@ class Animator:
 
     @torch.no_grad()
     def encode_reference(self, ref_image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """(1, 4, H/8, W/8): the VAE posterior mean of the reference at the output size."""
+        """(1, 4, H/f, W/f), f = config.latent_factor (8 for SD's VAE): the VAE posterior mean of the
+        reference at the output size."""
         img = _resize(ref_image.convert("RGB"), width, height)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0 * 2.0 - 1.0)
         x = x.permute(2, 0, 1)[None].to(self.device, self.vae_dtype)
@@ -87,7 +88,7 @@ class Animator:
 
     @torch.no_grad()
     def encode_poses(self, poses: np.ndarray, chunk: int = 16) -> torch.Tensor:
-        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/8, W/8), u8/255 as Moore."""
+        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore."""
         out = []
         for s in range(0, len(poses), chunk):
             x = torch.from_numpy(np.ascontiguousarray(poses[s:s + chunk])).to(self.device)
@@ -152,7 +153,8 @@ class Animator:
         if seed is None:
             seed = secrets.randbits(63)
         self.last_seed = seed
-        shape = (1, 4, cond.num_frames, cond.height // 8, cond.width // 8)
+        f = self.config.latent_factor
+        shape = (1, 4, cond.num_frames, cond.height // f, cond.width // f)
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, steps: int = 20, guidance: float = 3.5,
@@ -197,11 +199,12 @@ class Animator:
                  decode_chunk: int = 8, progress: bool = True, callback=None):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
         size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
-        output="latent" the final latents (1, 4, N, H/8, W/8)."""
+        output="latent" the final latents (1, 4, N, H/f, W/f)."""
         if output not in ("np", "latent"):
             raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
         cond = self.prepare(ref_image, poses, width, height)
-        shape = (1, 4, cond.num_frames, cond.height // 8, cond.width // 8)
+        f = self.config.latent_factor
+        shape = (1, 4, cond.num_frames, cond.height // f, cond.width // f)
         if latents is None:
             latents = self.initial_latents(cond, seed)
         elif tuple(latents.shape) != shape:

@@ -176,7 +176,8 @@ def kv_specs(unet: UNet) -> list[TensorSpec]:
 def graph_specs(models: Models, shapes: BuildShapes) -> dict[str, GraphSpec]:
     """Every graph of a build, keyed by name (GRAPHS order)."""
     cfg = models.config
-    h, w = shapes.height // 8, shapes.width // 8
+    f = cfg.latent_factor
+    h, w = shapes.height // f, shapes.width // f
     spatial = {"h": (h, h, h), "w": (w, w, w)}
     px = {"H": (shapes.height,) * 3, "W": (shapes.width,) * 3}
     clip_size = cfg.clip.get("image_size", 224)

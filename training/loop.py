@@ -60,6 +60,7 @@ class TrainOptions:
     precision: str = "no"            # "bf16" / "fp16": autocast on CUDA
     grad_checkpointing: bool = False
     save_every: int = 500
+    snapshot_every: int = 0          # also export model.safetensors copies to snapshots/ (0 = never)
     log_every: int = 10
     resume: bool = False
     device: str = "auto"
@@ -329,14 +330,14 @@ class Trainer:
         """sha256 of this stage's trainable weights on every rank (all equal unless DDP diverged)."""
         return _gather(_digest(self.params))
 
-    def export(self) -> Path | None:
-        """Rank 0 writes out/model.safetensors: every component, this stage's weights in place."""
-        path = None
+    def export(self, path: Path | None = None) -> Path | None:
+        """Rank 0 writes out/model.safetensors (or `path`): every component, this stage's weights
+        in place."""
         if self.rank == 0:
             models = self.model.export(self.models)
             prov = {"trained_by": "aa-trt train", "stage": self.opts.stage, "step": self.step,
                     "options": dataclasses.asdict(self.opts), "world_size": self.world}
-            path = save_models(self.out / MODEL_FILE, models, provenance=prov)
+            path = save_models(path or self.out / MODEL_FILE, models, provenance=prov)
         if self.world > 1:
             dist.barrier()
         return path
@@ -375,6 +376,8 @@ class Trainer:
                 if self.rank == 0 and progress:
                     print(f"step {self.step}/{o.steps} loss {rec['loss']:.5f} {dt:.2f} s/step", flush=True)
                 t_last, losses = time.perf_counter(), []
+            if o.snapshot_every and self.step % o.snapshot_every == 0 and self.step < o.steps:
+                self.export(self.out / "snapshots" / f"step_{self.step:06d}.safetensors")
             if self.step % o.save_every == 0 and self.step < o.steps:
                 self.save_state()
                 if self.world > 1:

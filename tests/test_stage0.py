@@ -1,0 +1,86 @@
+"""Stage 0: the small VAE and CLIP a shippable preset trains for itself."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aa_trt.checkpoint import build_models, load_checkpoint, read_config
+from aa_trt.cli import main
+from aa_trt.config import preset
+from aa_trt.training.autoencoder import Stage0Options, clip_loss, random_crops, train_stage0, vae_loss
+from aa_trt.training.data import VideoSet, clip_pixels, sample_batch, to_unit
+from aa_trt.training.synthetic import synthesize
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s0data")
+    synthesize(root, videos=6, size=64, frames=4, seed=3, formats=("npz",), progress=False)
+    return root
+
+
+def test_losses_fall_on_a_fixed_batch(data):
+    torch.manual_seed(0)
+    m = build_models(preset("tiny"), components=("vae", "image_encoder"))
+    rng = np.random.default_rng(0)
+    px = sample_batch(VideoSet(data), rng, 4)
+    x = to_unit(random_crops(np.concatenate([px.ref, px.frames[:, 0]]), 32, rng)) * 2 - 1
+    size = m.image_encoder.config.image_size
+    a, b = clip_pixels(px.ref, size), clip_pixels(px.frames[:, 0], size)
+    params = list(m.vae.parameters()) + list(m.image_encoder.parameters())
+    opt = torch.optim.Adam(params, lr=2e-3)
+    losses = []
+    for step in range(8):
+        lv, _ = vae_loss(m.vae, x, 1e-6, torch.Generator().manual_seed(0))
+        lc, _ = clip_loss(m.image_encoder, a, b, 0.1)
+        losses.append((lv.item(), lc.item()))
+        opt.zero_grad()
+        (lv + lc).backward()
+        opt.step()
+    assert losses[-1][0] < 0.9 * losses[0][0] and losses[-1][1] < 0.9 * losses[0][1]
+
+
+def test_random_crops_stay_inside_and_refuse_oversize():
+    frames = np.arange(2 * 10 * 12 * 3, dtype=np.uint8).reshape(2, 10, 12, 3)
+    c = random_crops(frames, 8, np.random.default_rng(0))
+    assert c.shape == (2, 8, 8, 3)
+    with pytest.raises(Exception, match="larger than the frames"):
+        random_crops(frames, 16, np.random.default_rng(0))
+
+
+def test_stage0_command_writes_a_checkpoint_for_stage1(data, tmp_path, capsys):
+    out = tmp_path / "s0"
+    rc = main(["train", "--stage", "0", "--preset", "tiny", "--data", str(data), "--out", str(out),
+               "--steps", "2", "--batch", "2", "--crop", "32", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    ckpt = out / "model.safetensors"
+    cfg = read_config(ckpt)
+    trained = load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    fresh = build_models(preset("tiny"))
+    # latent_scale is measured on the data, not the preset's SD constant.
+    assert cfg.latent_scale != preset("tiny").latent_scale and cfg.latent_scale > 0
+    # Only the VAE and CLIP train; the UNets keep their seeded initialisation, the zero-initialised
+    # outputs (PoseGuider conv_out, motion proj_out) are zero.
+    for comp in ("vae", "image_encoder"):
+        a, b = trained.components()[comp].state_dict(), fresh.components()[comp].state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    for comp in ("reference_unet",):
+        a, b = trained.components()[comp].state_dict(), fresh.components()[comp].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not trained.pose_guider.conv_out.weight.any()
+    assert all(not m.temporal_transformer.proj_out.weight.any() for m in trained.denoising_unet.motion_modules())
+    # Stage 1 starts from it.
+    rc = main(["train", "--stage", "1", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path / "s1"),
+               "--steps", "1", "--batch", "2", "--quiet", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_stage0_init_must_exist(data, tmp_path, capsys):
+    rc = main(["train", "--stage", "0", "--init", str(tmp_path / "x.safetensors"), "--data", str(data),
+               "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "x.safetensors" in err and "Traceback" not in err

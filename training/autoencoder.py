@@ -1,0 +1,184 @@
+"""Stage 0: the small VAE and CLIP image encoder a shippable model needs, trained on the data.
+
+SD's VAE (84 M parameters) and CLIP ViT-L/14 (303 M) are too large to embed, and a preset built
+from scratch has random ones, which make every later stage meaningless. Stage 0 trains the preset's
+own AutoencoderKL and CLIPVisionModelWithProjection (the same classes, small widths):
+
+- VAE: L1 + MSE reconstruction of random crops plus a small KL term (SD's autoencoder without its
+  perceptual and adversarial losses, which need pretrained networks this environment cannot fetch).
+  Crops keep the step cheap; the network is convolutional, so it is used at full size afterwards.
+- CLIP: contrastive (InfoNCE) between two frames of the same video, other videos of the batch as
+  negatives: the embedding learns what stays fixed while the character dances (its appearance),
+  which is what Animate Anyone's cross-attention reads from it.
+
+After training, `latent_scale` is set to 1 / std of the VAE's latents over the data (SD's 0.18215
+was measured the same way for its VAE), and the checkpoint is written with every component: the
+UNets and PoseGuider still at their initialisation (zero-initialised PoseGuider output and
+motion-module projections, as stage 1 starts from), ready for `aa-trt train --stage 1 --init`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aa_trt.checkpoint import build_models, load_checkpoint, save_models
+from aa_trt.config import preset as get_preset
+from aa_trt.errors import InputError
+
+from .data import VideoSet, clip_pixels, sample_batch, to_unit
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Stage0Options:
+    data: str
+    out: str
+    preset: str | None = None
+    init: str | None = None       # continue from this aa-trt checkpoint's VAE and CLIP instead
+    steps: int = 1000
+    batch: int = 16
+    crop: int = 32                # VAE training crop (pixels; a multiple of the latent factor)
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    temperature: float = 0.1      # InfoNCE temperature for the CLIP embedding
+    seed: int = 0
+    size: int | None = None
+    log_every: int = 10
+    scale_samples: int = 256      # frames used to measure latent_scale
+
+    def __post_init__(self):
+        if (self.preset is None) == (self.init is None):
+            raise InputError("stage 0: give exactly one of --preset NAME (from scratch) and --init CKPT (continue)")
+        if self.batch < 2:
+            raise InputError("--batch must be at least 2 (the CLIP loss contrasts the batch's videos)")
+
+
+def random_crops(frames: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> (B, crop, crop, 3), each at a random place, randomly mirrored."""
+    b, h, w, _ = frames.shape
+    if crop > min(h, w):
+        raise InputError(f"--crop {crop} is larger than the frames ({w}x{h})")
+    out = np.empty((b, crop, crop, 3), np.uint8)
+    for i in range(b):
+        y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+        c = frames[i, y:y + crop, x:x + crop]
+        out[i] = c[:, ::-1] if rng.random() < 0.5 else c
+    return out
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """x (B, 3, h, w) in [-1, 1] -> scalar loss and its parts."""
+    d = vae.encode(x).latent_dist
+    z = d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
+    rec = vae.decode(z).sample
+    l1 = (rec - x).abs().mean()
+    mse = F.mse_loss(rec, x)
+    kl = 0.5 * (d.mean.pow(2) + d.var - 1.0 - d.logvar).sum(dim=(1, 2, 3)).mean()
+    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def clip_loss(image_encoder, a: torch.Tensor, b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+    """a, b (B, 3, s, s): two frames of each of B videos -> symmetric InfoNCE and top-1 accuracy."""
+    za = F.normalize(image_encoder(pixel_values=a).image_embeds, dim=-1)
+    zb = F.normalize(image_encoder(pixel_values=b).image_embeds, dim=-1)
+    logits = za @ zb.T / temperature
+    labels = torch.arange(len(a))
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss, float((logits.argmax(1) == labels).float().mean())
+
+
+@torch.no_grad()
+def measure_latent_scale(vae, videos: VideoSet, samples: int, seed: int) -> float:
+    """1 / std of posterior samples over `samples` random frames at full size."""
+    rng = np.random.default_rng([seed, 99])
+    gen = torch.Generator().manual_seed(seed)
+    zs = []
+    for s in range(0, samples, 16):
+        px = sample_batch(videos, rng, min(16, samples - s))
+        x = to_unit(px.frames[:, 0]) * 2 - 1
+        d = vae.encode(x).latent_dist
+        zs.append(d.mean + d.std * torch.randn(d.mean.shape, generator=gen))
+    return float(1.0 / torch.cat(zs).std())
+
+
+def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
+    torch.manual_seed(opts.seed)
+    if opts.init:
+        models = load_checkpoint(opts.init, "cpu", torch.float32)
+        cfg = models.config
+    else:
+        cfg = get_preset(opts.preset)
+        models = build_models(cfg, "cpu")
+        models.pose_guider.zero_init()
+        for m in models.denoising_unet.motion_modules():
+            m.zero_init()
+    for m in models.components().values():
+        m.requires_grad_(False).eval()
+    vae, enc = models.vae, models.image_encoder
+    factor = cfg.latent_factor
+    if opts.crop % factor:
+        raise InputError(f"--crop {opts.crop} must be a multiple of the VAE's factor {factor}")
+    if not opts.init:
+        # Start the posterior narrow (std e^-2): with diffusers' default init its noise (std ~1)
+        # drowns the encoder's mean (std ~0.2) and the decoder first learns to ignore the latent.
+        with torch.no_grad():
+            vae.quant_conv.bias[cfg.vae.get("latent_channels", 4):] = -4.0
+    vae.requires_grad_(True).train()
+    enc.requires_grad_(True).train()
+    params = [p for p in list(vae.parameters()) + list(enc.parameters())]
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    warm = max(1, opts.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s, opts.steps) / opts.steps))))
+    size = (opts.size, opts.size) if opts.size else None
+    videos = VideoSet(opts.data, size)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a")
+    clip_size = enc.config.image_size
+    t_last, acc = time.perf_counter(), []
+    try:
+        for step in range(1, opts.steps + 1):
+            rng = np.random.default_rng([opts.seed, step])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            px = sample_batch(videos, rng, opts.batch)  # ref and frames[:, 0]: two frames of one video
+            crops = random_crops(np.concatenate([px.ref, px.frames[:, 0]]), opts.crop, rng)
+            x = to_unit(crops) * 2 - 1
+            lv, parts = vae_loss(vae, x, opts.kl_weight, gen)
+            lc, top1 = clip_loss(enc, clip_pixels(px.ref, clip_size), clip_pixels(px.frames[:, 0], clip_size),
+                                 opts.temperature)
+            opt.zero_grad(set_to_none=True)
+            (lv + lc).backward()
+            # Clipped apart: the contrastive loss's gradients would otherwise set the VAE's scale.
+            torch.nn.utils.clip_grad_norm_(list(vae.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(list(enc.parameters()), 1.0)
+            opt.step()
+            sched.step()
+            acc.append({**parts, "vae": lv.item(), "clip": lc.item(), "clip_top1": top1})
+            if step % opts.log_every == 0 or step == opts.steps:
+                rec = {k: round(float(np.mean([a[k] for a in acc])), 6) for k in acc[0]}
+                rec.update(step=step, lr=sched.get_last_lr()[0],
+                           s_per_step=round((time.perf_counter() - t_last) / len(acc), 4))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if progress:
+                    print(f"stage 0 step {step}/{opts.steps} vae {rec['vae']:.4f} (l1 {rec['l1']:.4f}) "
+                          f"clip {rec['clip']:.3f} top1 {rec['clip_top1']:.2f} {rec['s_per_step']:.2f} s/step",
+                          flush=True)
+                t_last, acc = time.perf_counter(), []
+    finally:
+        log.close()
+    vae.eval().requires_grad_(False)
+    enc.eval().requires_grad_(False)
+    scale = measure_latent_scale(vae, videos, opts.scale_samples, opts.seed)
+    models.config = cfg.replace(latent_scale=round(scale, 6))
+    prov = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps,
+            "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}}
+    return save_models(out / MODEL_FILE, models, provenance=prov)

@@ -1,0 +1,87 @@
+"""`aa-trt data prepare`: a folder of real dance videos -> pose videos and Moore's meta JSON.
+
+For every video under the input folder (mp4/mov/webm/mkv/avi, searched recursively), the pose
+extractor of `aa-trt run` (BlazePose by default, DWPose with --dwpose) finds one skeleton per frame;
+the renderings (the style `aa-trt run` draws, at the video's own size) are written as
+`<out>/videos/<name>_kps.mp4` beside a copy-free reference to the source, and the keypoints as
+`<out>/videos/<name>_kps.npz` (what `aa-trt eval` and a skeleton-warp baseline need). The meta file
+`<out>/train.json` lists `{video_path, kps_path, npz_keypoints}` in Moore's format (absolute
+video paths, so the folder can be moved only with its sources). A video whose pose file already
+exists is skipped, so an interrupted run resumes; a video that cannot be read is reported by name
+and left out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aa_trt.errors import InputError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
+
+
+def find_videos(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder of videos")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                   and not p.stem.endswith("_kps"))
+    if not found:
+        raise InputError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+    return found
+
+
+def _name(root: Path, video: Path) -> str:
+    rel = video.relative_to(root).with_suffix("")
+    return "__".join(rel.parts)
+
+
+def prepare(src, out, dwpose=None, max_frames: int | None = None, progress: bool = True) -> list[dict]:
+    """Write pose videos and `train.json` for every video under `src`; returns the meta entries."""
+    from tqdm.auto import tqdm
+
+    from aa_trt.pose.draw import render
+    from aa_trt.pose.extract import extract_video, make_extractor
+    from aa_trt.video import read_clip, write_video
+
+    src, out = Path(src), Path(out)
+    videos = find_videos(src)
+    extractor = make_extractor(dwpose)
+    vdir = out / "videos"
+    vdir.mkdir(parents=True, exist_ok=True)
+    entries, failed = [], []
+    t = time.perf_counter()
+    for video in tqdm(videos, desc="prepare", unit="video", disable=not progress):
+        name = _name(src, video)
+        kps_mp4, kps_npz = vdir / f"{name}_kps.mp4", vdir / f"{name}_kps.npz"
+        if not (kps_mp4.is_file() and kps_npz.is_file()):
+            try:
+                clip = read_clip(video, 0, 1, max_frames)
+            except InputError as e:
+                failed.append(str(e))
+                continue
+            frames = clip.frames
+            h, w = frames[0].shape[:2]
+            poses = extract_video(extractor, frames, None, progress=False)
+            renders = np.stack([render(p, w, h) for p in poses])
+            write_video(kps_mp4, renders, clip.fps)  # atomic: temp name, renamed when complete
+            arr = np.stack([p.to_array() if p is not None else np.zeros((128, 3), np.float32) for p in poses])
+            tmp = kps_npz.with_name(f".{kps_npz.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, keypoints=arr, found=np.array([p is not None for p in poses]), size=np.array([w, h]))
+            os.replace(tmp, kps_npz)
+        entries.append({"video_path": str(video.resolve()), "kps_path": f"videos/{kps_mp4.name}",
+                        "npz_keypoints": f"videos/{kps_npz.name}"})
+    if not entries:
+        raise InputError(f"{src}: no video could be read ({failed[0] if failed else 'none found'})")
+    for path, obj in ((out / "train.json", entries),
+                      (out / "dataset.json", {"generator": "aa-trt data prepare", "source": str(src.resolve()),
+                                              "videos": len(entries), "failed": failed,
+                                              "extractor": type(extractor).__name__,
+                                              "seconds": round(time.perf_counter() - t, 1)})):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        tmp.replace(path)
+    return entries
