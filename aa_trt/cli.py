@@ -127,7 +127,8 @@ def _eval(args) -> int:
 
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
                        videos=args.videos, frames=args.frames, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, device=args.device, baselines=args.baselines)
+                       seed=args.seed, device=args.device, baselines=args.baselines,
+                       ceiling=args.ceiling, model=args.model)
     result = evaluate(opts, progress=not args.quiet)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model only")
+    e.add_argument("--no-model", dest="model", action="store_false",
+                   help="score the baselines (and --ceiling) only, without sampling the model")
+    e.add_argument("--ceiling", action="store_true",
+                   help="also score the VAE's reconstruction of the true frames (the ceiling through this VAE)")
     e.add_argument("-o", "--output", type=Path, default=None, help="write the full result as JSON here")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)

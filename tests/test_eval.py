@@ -98,3 +98,14 @@ def test_eval_refuses_a_folder_without_splits(tmp_path, capsys):
     assert rc != 0
     err = capsys.readouterr().err
     assert "test_characters.json: no such split" in err and "Traceback" not in err
+
+
+def test_eval_ceiling_without_the_model(synth_data, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(synth_data), "--frames", "2", "--no-model",
+                 "--ceiling", "--splits", "test_motions", "--quiet", "-o", str(out)]) == 0
+    mean = json.loads(out.read_text())["splits"]["test_motions"]["mean"]
+    assert set(mean) == {"copy", "skeleton_warp", "vae_ceiling"}
+    # A random tiny VAE reconstructs nothing: far below copying the reference.
+    assert mean["vae_ceiling"]["psnr"] < mean["copy"]["psnr"]

@@ -22,7 +22,7 @@ from .baselines import copy_reference, skeleton_warp
 from .metrics import frame_metrics
 
 SPLITS = ("test_characters", "test_motions")
-METHODS = ("model", "copy", "skeleton_warp")
+METHODS = ("model", "copy", "skeleton_warp", "vae_ceiling")
 
 
 @dataclass
@@ -37,6 +37,10 @@ class EvalOptions:
     seed: int = 0
     device: str = "cpu"
     baselines: bool = True
+    # Also score the VAE's reconstruction of the true frames: what a perfect denoiser would reach
+    # through this VAE (the ceiling of any model built on it).
+    ceiling: bool = False
+    model: bool = True            # False: the baselines (and ceiling) only, no sampling
     extra: dict = field(default_factory=dict)  # recorded as is (e.g. the training step)
 
 
@@ -76,18 +80,33 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
                 raise InputError(f"{e['npz_path']}: a video of {len(frames)} frames has no target frames")
             ref, true = frames[0], frames[1:1 + n]
             h, w = ref.shape[:2]
-            out = animator(Image.fromarray(ref), poses[1:1 + n], steps=opts.steps, guidance=opts.guidance,
-                           seed=opts.seed + i, width=w, height=h, progress=False)
-            pred = {"model": np.clip(np.round(out * 255), 0, 255).astype(np.uint8)}
+            pred = {}
+            if opts.model:
+                out = animator(Image.fromarray(ref), poses[1:1 + n], steps=opts.steps, guidance=opts.guidance,
+                               seed=opts.seed + i, width=w, height=h, progress=False)
+                pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
             if opts.baselines:
                 pred["copy"] = copy_reference(ref, n)
                 pred["skeleton_warp"] = skeleton_warp(ref, kps[0, :18], kps[1:1 + n, :18])
+            if opts.ceiling:
+                pred["vae_ceiling"] = reconstruct(animator, true)
             rows.append({"video": e["npz_path"], **{m: frame_metrics(p, true) for m, p in pred.items()}})
         methods = [m for m in METHODS if rows and m in rows[0]]
         mean = {m: {k: float(np.mean([r[m][k] for r in rows])) for k in ("ssim", "psnr", "l1")} for m in methods}
         result["splits"][split] = {"videos": rows, "mean": mean}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def reconstruct(animator, frames: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the same frames through the model's VAE (posterior mean), uint8."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = animator.models.vae.encode(x.to(animator.device, animator.vae_dtype)).latent_dist.mean
+        z = (z * animator.config.latent_scale)[None].permute(0, 2, 1, 3, 4)  # (1, 4, N, h, w)
+    return np.clip(np.round(animator.decode(z) * 255), 0, 255).astype(np.uint8)
 
 
 def table(result: dict) -> str:
