@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the same cleanup (no partial outputs) runs for both.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored: a
+    # `kill -INT` would do nothing. Take it back, so it cleans up like Ctrl-C.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except AATrtError as e:
@@ -395,6 +398,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":
