@@ -84,3 +84,19 @@ def test_stage0_init_must_exist(data, tmp_path, capsys):
                "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and "x.safetensors" in err and "Traceback" not in err
+
+
+def test_small_preset_latents_and_pose_features_line_up():
+    cfg = preset("small")
+    assert cfg.latent_factor == 8 and preset("sd15").latent_factor == 8
+    m = build_models(cfg, components=("vae", "pose_guider"))
+    with torch.no_grad():
+        lat = m.vae.encode(torch.rand(1, 3, 64, 96) * 2 - 1).latent_dist.mean
+        feat = m.pose_guider(torch.rand(1, 3, 64, 96))
+    assert lat.shape[2:] == feat.shape[2:] == (8, 12)
+    assert feat.shape[1] == cfg.unet.block_out_channels[0]
+    # A PoseGuider that downsamples by 4 next to an 8x VAE is refused when the config is made.
+    from aa_trt.config import PoseGuiderConfig
+
+    with pytest.raises(ValueError, match="would not line up"):
+        cfg.replace(pose_guider=PoseGuiderConfig(block_out_channels=(16, 32, 64), embedding_channels=64))
