@@ -9,6 +9,9 @@ import statistics
 
 import pytest
 
+from aa_trt.pipeline import Animator
+from aa_trt.run import DEFAULT_MODEL
+
 from .timing import PER_ROUND, compare
 from .workloads import pipeline_pair
 
@@ -35,3 +38,18 @@ def test_whole_pipeline(benchmark, tiny_animator, one_thread, rounds, record):
         ratio = statistics.median(b / o for b, o in zip(base, ours))
         record(f"pipeline stage: {name} ({label})", statistics.median(ours), "s",
                baseline=statistics.median(base), ratio=ratio, ratio_of=PER_ROUND)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} is not in this checkout")
+@pytest.mark.benchmark(group="pipeline-default-cpu")
+def test_whole_pipeline_default_model(benchmark, rounds, record):
+    """The embedded default model (preset small, trained weights) at its own size, the README's
+    example length (24 frames, one window) and all 20 steps, on the machine's threads."""
+    animator = Animator.from_pretrained(DEFAULT_MODEL)
+    size = dict(frames=24, height=128, width=128, steps=20)
+    pair = pipeline_pair(animator, **size)
+    s = compare(benchmark, pair.ours, pair.moore, rounds).summary()
+    benchmark.extra_info.update(s)
+    label = "embedded default, {width}x{height}, {frames} frames, {steps} steps, CPU fp32".format(**size)
+    record(f"whole pipeline ({label}), median of {s['rounds']}", s["ours_median_s"], "s",
+           baseline=s["baseline_median_s"], ratio=s["speedup_per_round"], ratio_of=PER_ROUND, details=s)
