@@ -121,8 +121,7 @@ def _data_prepare(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
-
+    from .training.data import write_json
     from .training.evaluate import EvalOptions, evaluate, table
 
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
@@ -132,16 +131,12 @@ def _eval(args) -> int:
     result = evaluate(opts, progress=not args.quiet)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.output)
+        write_json(args.output, result)
     print(table(result))
     return 0
 
 
 def _train(args) -> int:
-    from .errors import InputError
-
     if args.stage == 0:
         from .training.autoencoder import Stage0Options, train_stage0
 

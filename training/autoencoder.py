@@ -132,7 +132,7 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
             vae.quant_conv.bias[cfg.vae.get("latent_channels", 4):] = -4.0
     vae.requires_grad_(True).train()
     enc.requires_grad_(True).train()
-    params = [p for p in list(vae.parameters()) + list(enc.parameters())]
+    params = list(vae.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     warm = max(1, opts.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

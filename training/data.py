@@ -23,6 +23,14 @@ from aa_trt.errors import InputError
 from aa_trt.pipeline import CLIP_MEAN, CLIP_STD
 
 
+def write_json(path, obj) -> None:
+    """Write a meta/result JSON file atomically (a temporary name beside it, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
 @dataclass
 class Video:
     frames: np.ndarray  # uint8 (N, H, W, 3)

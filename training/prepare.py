@@ -12,7 +12,6 @@ and left out.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from aa_trt.errors import InputError
+
+from .data import write_json
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 
@@ -76,12 +77,9 @@ def prepare(src, out, dwpose=None, max_frames: int | None = None, progress: bool
                         "npz_keypoints": f"videos/{kps_npz.name}"})
     if not entries:
         raise InputError(f"{src}: no video could be read ({failed[0] if failed else 'none found'})")
-    for path, obj in ((out / "train.json", entries),
-                      (out / "dataset.json", {"generator": "aa-trt data prepare", "source": str(src.resolve()),
-                                              "videos": len(entries), "failed": failed,
-                                              "extractor": type(extractor).__name__,
-                                              "seconds": round(time.perf_counter() - t, 1)})):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        tmp.replace(path)
+    write_json(out / "train.json", entries)
+    write_json(out / "dataset.json", {"generator": "aa-trt data prepare", "source": str(src.resolve()),
+                                      "videos": len(entries), "failed": failed,
+                                      "extractor": type(extractor).__name__,
+                                      "seconds": round(time.perf_counter() - t, 1)})
     return entries

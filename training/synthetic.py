@@ -15,7 +15,6 @@ exact keypoints (body only: the puppets have no hand or face points), the style 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from aa_trt.pose.draw import render
 from aa_trt.pose.keypoints import Pose
 
+from .data import write_json
 from .dance import random_framing, random_motion, skeleton
 from .puppet import SUPERSAMPLE, paint, random_background, random_character
 
@@ -151,15 +151,10 @@ def synthesize(out, videos: int, size: int | tuple[int, int], frames: int = 24, 
         entry.update(character=c, motion=m, fps=fps, frames=frames, width=width, height=height)
         meta.setdefault(split, []).append(entry)
     for split in p.splits():
-        _write_json(out / f"{split}.json", meta.get(split, []))
+        write_json(out / f"{split}.json", meta.get(split, []))
     info = dict(generator="aa-trt synthetic v1", seed=seed, videos=videos, size=[width, height], frames=frames,
                 fps=fps, formats=list(formats), seconds=round(time.perf_counter() - t, 1),
                 splits={k: len(v) for k, v in p.splits().items()})
-    _write_json(out / "dataset.json", info)
+    write_json(out / "dataset.json", info)
     return meta
 
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
