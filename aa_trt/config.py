@@ -167,6 +167,9 @@ class ModelConfig:
 
     def __post_init__(self):
         pg = self.pose_guider
+        if self.vae and not (self.unet.in_channels == self.unet.out_channels == self.latent_channels):
+            raise ValueError(f"{self.name}: the UNet maps {self.unet.in_channels} -> {self.unet.out_channels} "
+                             f"channels but the VAE's latents have {self.latent_channels}")
         if self.vae and pg.variant == "moore" and 2 ** (len(pg.block_out_channels) - 1) != self.latent_factor:
             raise ValueError(f"{self.name}: the PoseGuider downsamples by {2 ** (len(pg.block_out_channels) - 1)} "
                              f"but the VAE by {self.latent_factor}; their feature maps would not line up")
@@ -175,6 +178,11 @@ class ModelConfig:
     def latent_factor(self) -> int:
         """Pixels per latent pixel along each side: 2 ** (VAE levels - 1); SD's VAE gives 8."""
         return 2 ** (len(self.vae["block_out_channels"]) - 1) if self.vae else 8
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents (SD's VAE: 4), which the UNet denoises."""
+        return self.vae.get("latent_channels", 4) if self.vae else self.unet.in_channels
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,7 +245,7 @@ TINY_CLIP = dict(
 # 4 channels per norm group: with 2 (16 groups at width 32) a flat colour region leaves each
 # group only a sign after normalisation, and stage 0 stalled with grey reconstructions.
 SMALL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
     block_out_channels=[32, 64, 128, 128], sample_size=128, scaling_factor=1.0,
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
 )
@@ -265,7 +273,8 @@ PRESETS: dict[str, ModelConfig] = {
     # VAE's latents, measured by stage 0 and written into the checkpoint.
     "small": ModelConfig(
         name="small",
-        unet=UNetConfig(block_out_channels=(64, 128, 128), down_block_attention=(True, True, False),
+        unet=UNetConfig(in_channels=16, out_channels=16,
+                        block_out_channels=(64, 128, 128), down_block_attention=(True, True, False),
                         layers_per_block=1, num_heads=2, cross_attention_dim=64, norm_num_groups=16),
         motion=MotionConfig(num_heads=2, norm_num_groups=16),
         pose_guider=PoseGuiderConfig(block_out_channels=(16, 32, 64, 128), embedding_channels=64),

@@ -29,7 +29,7 @@ class Conditioning:
     """Everything computed once per video."""
 
     clip_embeds: torch.Tensor    # (1, D) CLIP image_embeds of the reference
-    ref_latent: torch.Tensor     # (1, 4, h, w) VAE mean x latent_scale
+    ref_latent: torch.Tensor     # (1, c, h, w) VAE mean x latent_scale
     reference_kv: ReferenceKV    # per transformer block (k, v) (1, L, C)
     pose_features: torch.Tensor  # (N, C0, h, w) PoseGuider output, frames first
     width: int
@@ -78,7 +78,7 @@ class Animator:
 
     @torch.no_grad()
     def encode_reference(self, ref_image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """(1, 4, H/f, W/f), f = config.latent_factor (8 for SD's VAE): the VAE posterior mean of the
+        """(1, c, H/f, W/f), f = config.latent_factor (8 for SD's VAE): the VAE posterior mean of the
         reference at the output size."""
         img = _resize(ref_image.convert("RGB"), width, height)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0 * 2.0 - 1.0)
@@ -116,7 +116,7 @@ class Animator:
             raise InputError(f"output size {width}x{height} is too small (at least 8x8)")
 
     def reference_kv(self, ref_latent: torch.Tensor, clip_embeds: torch.Tensor) -> ReferenceKV:
-        """ref_latent (1, 4, h, w), clip_embeds (1, D) -> the K/V cache (ReferenceNet, cond row)."""
+        """ref_latent (1, c, h, w), clip_embeds (1, D) -> the K/V cache (ReferenceNet, cond row)."""
         return compute_reference_kv(self.models.reference_unet, self.models.denoising_unet, ref_latent,
                                     clip_embeds[:, None], self.config.bank_dtype)
 
@@ -148,19 +148,19 @@ class Animator:
         return step
 
     def initial_latents(self, cond: Conditioning, seed: int | None) -> torch.Tensor:
-        """(1, 4, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
+        """(1, c, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
         every device (Moore draws with torch.Generator().manual_seed(seed) the same way)."""
         if seed is None:
             seed = secrets.randbits(63)
         self.last_seed = seed
         f = self.config.latent_factor
-        shape = (1, 4, cond.num_frames, cond.height // f, cond.width // f)
+        shape = (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, steps: int = 20, guidance: float = 3.5,
                 context_frames: int = 24, context_overlap: int = 4, context_schedule: str = "uniform",
                 window_batch: int = 1, callback=None, progress: bool = True) -> torch.Tensor:
-        """latents (1, 4, N, h, w) float32 noise -> denoised latents, same shape."""
+        """latents (1, c, N, h, w) float32 noise -> denoised latents, same shape."""
         if context_frames > self.config.motion.max_len:
             raise InputError(f"context_frames={context_frames} exceeds the motion modules' "
                              f"maximum window of {self.config.motion.max_len} frames")
@@ -178,10 +178,10 @@ class Animator:
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 8, progress: bool = False) -> np.ndarray:
-        """latents (1, 4, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call."""
+        """latents (1, c, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call."""
         from tqdm.auto import tqdm
 
-        z = latents[0].permute(1, 0, 2, 3)  # (N, 4, h, w)
+        z = latents[0].permute(1, 0, 2, 3)  # (N, c, h, w)
         frames = None  # filled chunk by chunk: the video is held once, not twice
         for s in tqdm(range(0, z.shape[0], chunk), desc="decode", disable=not progress):
             x = self.models.vae.decode((z[s:s + chunk] / self.config.latent_scale).to(self.vae_dtype)).sample
@@ -199,12 +199,12 @@ class Animator:
                  decode_chunk: int = 8, progress: bool = True, callback=None):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
         size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
-        output="latent" the final latents (1, 4, N, H/f, W/f)."""
+        output="latent" the final latents (1, c, N, H/f, W/f)."""
         if output not in ("np", "latent"):
             raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
         cond = self.prepare(ref_image, poses, width, height)
         f = self.config.latent_factor
-        shape = (1, 4, cond.num_frames, cond.height // f, cond.width // f)
+        shape = (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
         if latents is None:
             latents = self.initial_latents(cond, seed)
         elif tuple(latents.shape) != shape:

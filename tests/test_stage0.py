@@ -68,9 +68,12 @@ def test_stage0_command_writes_a_checkpoint_for_stage1(data, tmp_path, capsys):
     for comp in ("vae", "image_encoder"):
         a, b = trained.components()[comp].state_dict(), fresh.components()[comp].state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a)
-    for comp in ("reference_unet",):
-        a, b = trained.components()[comp].state_dict(), fresh.components()[comp].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    den, fresh_den = trained.denoising_unet.state_dict(), fresh.denoising_unet.state_dict()
+    ref = trained.reference_unet.state_dict()
+    assert all(torch.equal(den[k], fresh_den[k]) for k in ref)
+    # ReferenceNet starts as a copy of the denoising UNet's spatial weights (the paper's init).
+    assert all(torch.equal(ref[k], den[k]) for k in ref)
+    assert any(not torch.equal(ref[k], fresh.reference_unet.state_dict()[k]) for k in ref)
     assert not trained.pose_guider.conv_out.weight.any()
     assert all(not m.temporal_transformer.proj_out.weight.any() for m in trained.denoising_unet.motion_modules())
     # Stage 1 starts from it.
@@ -94,9 +97,13 @@ def test_small_preset_latents_and_pose_features_line_up():
         lat = m.vae.encode(torch.rand(1, 3, 64, 96) * 2 - 1).latent_dist.mean
         feat = m.pose_guider(torch.rand(1, 3, 64, 96))
     assert lat.shape[2:] == feat.shape[2:] == (8, 12)
+    assert lat.shape[1] == cfg.latent_channels == cfg.unet.in_channels == cfg.unet.out_channels == 16
     assert feat.shape[1] == cfg.unet.block_out_channels[0]
     # A PoseGuider that downsamples by 4 next to an 8x VAE is refused when the config is made.
     from aa_trt.config import PoseGuiderConfig
 
     with pytest.raises(ValueError, match="would not line up"):
         cfg.replace(pose_guider=PoseGuiderConfig(block_out_channels=(16, 32, 64), embedding_channels=64))
+    # So is a UNet that does not denoise the VAE's latent channels.
+    with pytest.raises(ValueError, match="latents have 16"):
+        cfg.replace(unet=preset("tiny").unet)

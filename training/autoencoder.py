@@ -14,7 +14,8 @@ own AutoencoderKL and CLIPVisionModelWithProjection (the same classes, small wid
 After training, `latent_scale` is set to 1 / std of the VAE's latents over the data (SD's 0.18215
 was measured the same way for its VAE), and the checkpoint is written with every component: the
 UNets and PoseGuider still at their initialisation (zero-initialised PoseGuider output and
-motion-module projections, as stage 1 starts from), ready for `aa-trt train --stage 1 --init`.
+motion-module projections, ReferenceNet a copy of the denoising UNet's spatial weights, as stage 1
+starts from), ready for `aa-trt train --stage 1 --init`.
 """
 from __future__ import annotations
 
@@ -108,6 +109,15 @@ def measure_latent_scale(vae, videos: VideoSet, samples: int, seed: int) -> floa
     return float(1.0 / torch.cat(zs).std())
 
 
+def tie_reference_init(models) -> None:
+    """Start ReferenceNet from the denoising UNet's own (spatial) weights, as the paper starts both
+    from the same SD UNet: at step 0 the reference and the frame then produce features in the same
+    space, and the self-attention over [frame; reference] tokens can match them from the start."""
+    den = models.denoising_unet.state_dict()
+    ref = models.reference_unet.state_dict()
+    models.reference_unet.load_state_dict({k: den[k].clone() for k in ref})
+
+
 def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
     torch.manual_seed(opts.seed)
     if opts.init:
@@ -119,6 +129,7 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
         models.pose_guider.zero_init()
         for m in models.denoising_unet.motion_modules():
             m.zero_init()
+        tie_reference_init(models)
     for m in models.components().values():
         m.requires_grad_(False).eval()
     vae, enc = models.vae, models.image_encoder

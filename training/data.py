@@ -150,8 +150,8 @@ def to_unit(a: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class LatentBatch:
-    latents: torch.Tensor     # (B, 4, F, h, w) targets x latent_scale
-    ref_latent: torch.Tensor  # (B, 4, h, w) reference posterior mean x latent_scale
+    latents: torch.Tensor     # (B, c, F, h, w) targets x latent_scale
+    ref_latent: torch.Tensor  # (B, c, h, w) reference posterior mean x latent_scale
     clip: torch.Tensor        # (B, D) CLIP image_embeds of the reference
     pose: torch.Tensor        # (B*F, 3, H, W) in [0, 1]
 

@@ -85,7 +85,7 @@ class StepInputs:
     """Everything one step consumes, drawn before the forward (so a step can be replayed)."""
 
     batch: LatentBatch
-    noise: torch.Tensor      # (B, 4, F, h, w)
+    noise: torch.Tensor      # (B, c, F, h, w)
     timesteps: torch.Tensor  # (B,) long
     use_ref: torch.Tensor    # (B,) bool; False = an unconditional sample
 

@@ -51,8 +51,8 @@ def bank_parameters(refnet: UNet) -> set[str]:
 class TrainModel(nn.Module):
     """The trainable part of one stage (what DistributedDataParallel wraps).
 
-    forward: noisy (B*F, 4, h, w), timesteps (B,) long, ref_latent (B, 4, h, w), clip (B, D),
-    pose (B*F, 3, H, W) in [0, 1], use_ref (B,) bool  ->  prediction (B*F, 4, h, w), rows in input
+    forward: noisy (B*F, c, h, w), timesteps (B,) long, ref_latent (B, c, h, w), clip (B, D),
+    pose (B*F, 3, H, W) in [0, 1], use_ref (B,) bool  ->  prediction (B*F, c, h, w), rows in input
     order (frames of a sample are consecutive rows).
     """
 
@@ -96,7 +96,7 @@ class TrainModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def reference_kv(self, ref_latent: torch.Tensor, context: torch.Tensor, frames: int) -> list:
-        """ref_latent (n, 4, h, w), context (n, 1, D) -> per transformer block (k, v), each
+        """ref_latent (n, c, h, w), context (n, 1, D) -> per transformer block (k, v), each
         (1, m, c) for n = 1 (shared by all rows), else (n*frames, m, c) (one per cond row)."""
         with torch.set_grad_enabled(self.stage == 1 and torch.is_grad_enabled()):
             banks = self.reference_unet.reference_bank(ref_latent, 0, context)
