@@ -1,9 +1,10 @@
 """Pure attention math (no parameters), the single place where fast kernels plug in.
 
-Every function takes and returns token tensors (b, n, c) with the heads folded into c, as the
-projections produce them. The reference variants read one shared reference K/V (1, m, c) for every
-frame of the batch: the plain version below expands it (a view) into a concatenation; the Triton
-kernel of `aa_trt.kernels` reads it in place.
+Every attention function takes and returns token tensors (b, n, c) with the heads folded into c,
+as the projections produce them. The reference variants read one shared reference K/V (1, m, c)
+for every frame of the batch: the plain version below expands it (a view) into a concatenation;
+the Triton kernel of `aa_trt.kernels` reads it in place. `group_norm_silu` (the resnets' norm +
+activation) is dispatched here too, by the same backend rule.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# Which implementation runs the attention below (`set_backend`):
+# Which implementation runs the attention (and GroupNorm + SiLU) below (`set_backend`):
 #   "auto":   the Triton kernels on CUDA fp16/bf16 tensors when triton imports and the head dim is
-#             supported; SDPA otherwise (so on CPU nothing changes);
+#             supported; SDPA (and F.group_norm + F.silu) otherwise (so on CPU nothing changes);
 #   "sdpa":   never the kernels;
 #   "triton": the kernels for every call they support, on any device (CPU tensors need
 #             TRITON_INTERPRET=1: the tests run whole blocks through the kernels that way).
@@ -43,32 +44,38 @@ def get_backend() -> str:
 def _kernels():
     """The kernel modules, or None where triton does not import (imported on first use only)."""
     try:
+        from .kernels import groupnorm_silu as gn_kernel
         from .kernels import reference_attention as ref_kernel
         from .kernels import temporal_attention as temporal_kernel
     except ImportError:
         return None
-    return ref_kernel, temporal_kernel
+    return ref_kernel, temporal_kernel, gn_kernel
 
 
-def _use_kernels(q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> bool:
-    if _backend == "sdpa" or (_backend == "auto" and not q.is_cuda):
+def _backend_allows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """The rule every kernel obeys, before its own shape checks: whether the backend lets a kernel
+    run on x (and the other operands, which only matter for autograd)."""
+    if _backend == "sdpa" or (_backend == "auto" and not x.is_cuda):
         return False  # the CPU path stays exactly the plain code
-    ts = [t for t in (q, *tensors) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return False
-    d = q.shape[-1] // heads
     if _backend == "auto":
-        return (q.dtype in (torch.float16, torch.bfloat16) and 16 <= d <= 256
-                and all(t.stride(-1) == 1 for t in ts) and _kernels() is not None)
+        return x.dtype in (torch.float16, torch.bfloat16) and _kernels() is not None
     # "triton": explicit; unsupported shapes still fall back, a missing triton is an error
     if _kernels() is None:
         raise RuntimeError("attention backend 'triton' selected but triton does not import")
-    if not q.is_cuda and not _kernels()[0].interpreting():
+    if not x.is_cuda and not _kernels()[0].interpreting():
         raise RuntimeError("attention backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
                            "(set before the kernels are first imported)")
-    return 16 <= d <= 256 and all(t.stride(-1) == 1 for t in ts)
+    return True
+
+
+def _use_kernels(q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> bool:
+    d = q.shape[-1] // heads
+    return (_backend_allows(q, *tensors) and 16 <= d <= 256
+            and all(t.stride(-1) == 1 for t in (q, *tensors) if t is not None))
 
 
 def kernels_for(x: torch.Tensor, heads: int) -> bool:
@@ -98,6 +105,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return merge_heads(out)
 
 
+@functools.lru_cache(maxsize=64)
+def _flags_on(flags: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """Per-row flags on the device, one copy per distinct flag pattern: no host-to-device copy
+    per block and step (nor inside a CUDA graph capture, once a warm-up call has made it)."""
+    return torch.tensor(flags, dtype=torch.int32, device=device)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int,
                         use_reference: torch.Tensor | Sequence[bool] | None = None) -> torch.Tensor:
@@ -109,6 +123,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     own tokens only, as `attention(q, k, v)` would. None: every row uses the reference.
     """
     if _use_kernels(q, heads, k, v, k_ref, v_ref):
+        if use_reference is not None and not isinstance(use_reference, torch.Tensor):
+            use_reference = _flags_on(tuple(bool(u) for u in use_reference), q.device)
         return _kernels()[0].reference_attention(q, k, v, k_ref, v_ref, heads, use_reference)
     if use_reference is not None:
         flags = [bool(u) for u in (use_reference.tolist() if isinstance(use_reference, torch.Tensor)
@@ -147,3 +163,13 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
                                          split_heads(v, heads))
     return merge_heads(out)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float, silu: bool = True) -> torch.Tensor:
+    """silu(group_norm(x)) (plain group_norm when not `silu`), x (N, C, *spatial): the fused Triton
+    kernel where the backend allows kernels and x is contiguous, F.group_norm + F.silu otherwise."""
+    if x.dim() >= 2 and x.is_contiguous() and _backend_allows(x, weight, bias):
+        return _kernels()[2].group_norm_silu(x, num_groups, weight, bias, eps, silu)
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y

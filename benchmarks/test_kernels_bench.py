@@ -1,6 +1,7 @@
 """On a CUDA GPU: each Triton attention kernel against the plain path (SDPA) at SD1.5's shapes for a
 512x768 output and one 24-frame window with CFG (24 uncond + 24 cond rows), in TFLOP/s and as a
-fraction of this GPU's measured fp16 matmul rate. Skipped, with the reason, without CUDA.
+fraction of this GPU's measured fp16 matmul rate; the fused GroupNorm + SiLU against F.group_norm +
+F.silu at the resnets' shapes, in bytes moved per second. Skipped, with the reason, without CUDA.
 
     pytest benchmarks/test_kernels_bench.py
 """
@@ -84,3 +85,46 @@ def test_temporal_attention_kernel(benchmark, backend, record, rounds, fp16_rate
                 warmup=2, device="cuda")
     _report(benchmark, record, f"temporal attention, d={d}, {2 * n} positions x 24 frames", flops, t,
             fp16_rate)
+
+
+# (channels, latent positions) of the resnets' norms per UNet level, 512x768 output (latent 64x96)
+NORM_LEVELS = [(320, 64 * 96), (640, 32 * 48), (1280, 16 * 24), (1280, 8 * 12)]
+NORM_CALLS = 20  # per timed round: one call is ~0.1 ms, below the timer's resolution
+
+
+@pytest.mark.benchmark(group="kernels-groupnorm-silu")
+@pytest.mark.parametrize("c, n", NORM_LEVELS)
+def test_group_norm_silu_kernel(benchmark, backend, record, rounds, c, n):
+    """silu(group_norm(x)), 32 groups, on 48 rows (CFG x 24 frames) of a level's activation.
+    Bytes moved = one read and one write of x, the least any implementation moves (the kernel
+    reads x twice, GroupNorm + SiLU three times and writes twice): GB/s = that / time."""
+    x = torch.randn(2 * FRAMES, c, n, device="cuda", dtype=DTYPE).view(2 * FRAMES, c, *_hw(n))
+    w = torch.randn(c, device="cuda", dtype=DTYPE)
+    b = torch.randn(c, device="cuda", dtype=DTYPE)
+
+    def fn():
+        for _ in range(NORM_CALLS):
+            attn_math.group_norm_silu(x, 32, w, b, 1e-5)
+
+    backend("triton")
+    fused = attn_math.group_norm_silu(x, 32, w, b, 1e-5).float()
+    backend("sdpa")
+    plain = attn_math.group_norm_silu(x, 32, w, b, 1e-5).float()
+    torch.testing.assert_close(fused, plain, atol=2e-2, rtol=2e-2)
+    t = compare(benchmark, _run(backend, "triton", fn), _run(backend, "sdpa", fn), max(rounds, 10),
+                warmup=2, device="cuda")
+    s = t.summary()
+    moved = 2 * x.numel() * x.element_size() * NORM_CALLS
+    ours, base = moved / s["ours_median_s"], moved / s["baseline_median_s"]
+    info = dict(s, bytes_per_call=moved // NORM_CALLS, gb_per_s=ours / 1e9, plain_gb_per_s=base / 1e9,
+                shape=tuple(x.shape), device=torch.cuda.get_device_name(0))
+    benchmark.extra_info.update(info)
+    record(f"GroupNorm + SiLU, {tuple(x.shape)} (CUDA fp16), 1 read + 1 write of x per call", ours / 1e9,
+           "GB/s", baseline=base / 1e9, ratio=s["speedup"],
+           ratio_of="F.group_norm + F.silu time / fused kernel time: x faster", details=info)
+
+
+def _hw(n: int) -> tuple[int, int]:
+    """The level's (h, w) from its position count (2:3 aspect, as 512x768)."""
+    h = int(round((n * 2 / 3) ** 0.5))
+    return h, n // h

@@ -8,7 +8,9 @@ run compiled on the GPU, plus the CUDA-only checks at the end.
 
 Tolerances (max |kernel - fp32 reference|, per element, atol + rtol * |ref|), keyed by input dtype:
 fp32 1e-5 (fp32 accumulation, IEEE dots), fp16 4e-3 (fp16 operands, fp32 accumulation; the output
-rounding alone is up to 1e-3 at |x| ~ 2), bf16 3e-2 (8-bit mantissa: output rounding up to 8e-3).
+rounding alone is up to 1e-3 at |x| ~ 2), bf16 3e-2 (8-bit mantissa: output rounding up to 8e-3;
+the interpreter truncates fp32 -> bf16, up to twice that). GroupNorm + SiLU uses the same table:
+its fp32 statistics are exact to ~1e-7, so the half-precision error is the output rounding.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ if not CUDA:  # read when the kernels are decorated *and* at launch: stays set f
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 from aa_trt import attention as attn_math  # noqa: E402
+from aa_trt.kernels import groupnorm_silu as gn  # noqa: E402
 from aa_trt.kernels import reference_attention as ra  # noqa: E402
 from aa_trt.kernels import temporal_attention as ta  # noqa: E402
 from aa_trt.kernels._common import head_dim_chunks, is_interpreted  # noqa: E402
@@ -191,6 +194,63 @@ def test_fold_positional_encoding_is_exact():
     assert (fused - expected).abs().max().item() < 1e-5
 
 
+# --------------------------------------------------------------------------- groupnorm + silu
+def _gn_case(n, c, spatial, groups, dtype, silu, block=None, offset=3.0, seed=0):
+    """Inputs with a non-zero mean per group (offset) and non-trivial affine parameters, against
+    F.group_norm + F.silu run in fp32 on the same (rounded) values."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, *spatial, generator=g) * 2.0 + offset).to(DEVICE, dtype)
+    w = (1 + 0.2 * torch.randn(c, generator=g)).to(DEVICE, dtype)
+    b = (0.3 * torch.randn(c, generator=g)).to(DEVICE, dtype)
+    out = gn.group_norm_silu(x, groups, w, b, 1e-5, silu, block=block)
+    ref = gn.group_norm_silu_torch(x.float(), groups, w.float(), b.float(), 1e-5, silu)
+    assert out.shape == x.shape and out.dtype == dtype
+    return _check(out, ref, dtype, f"{dtype} c={c} groups={groups} spatial={spatial} silu={silu}")
+
+
+GN_CASES = [
+    # n, c, spatial, groups (channels per group = c / groups), dtype, silu, block
+    (2, 8, (7, 9), 8, F32, True, None),         # 1 channel per group
+    (2, 16, (13, 17), 8, F32, False, 64),       # 2 per group, 221-element rows in 64-wide tiles
+    (1, 128, (1, 1), 32, F32, True, None),      # 4 per group, 1x1: a 4-element group
+    (2, 1280, (7, 9), 32, F32, True, 512),      # 40 per group (SD1.5's 1280 / 32), partial tiles
+    (2, 320, (13, 17), 8, F32, False, None),    # 40 per group, whole group in one tile
+    (2, 64, (13, 17), 32, F16, True, 128),
+    (1, 1280, (7, 9), 32, F16, False, None),
+    (2, 320, (13, 17), 8, BF16, True, 512),
+    (3, 32, (1, 1), 32, BF16, True, None),      # one element per group: y = bias
+    (2, 96, (3, 5, 7), 32, F32, True, 128),     # (N, C, F, H, W): any trailing spatial size
+    (2, 64, (), 8, F16, True, None),            # (N, C): no spatial axis
+]
+
+
+@pytest.mark.parametrize("n, c, spatial, groups, dtype, silu, block", GN_CASES)
+def test_group_norm_silu(n, c, spatial, groups, dtype, silu, block):
+    _gn_case(n, c, spatial, groups, dtype, silu, block)
+
+
+def test_group_norm_silu_large_mean_fp32():
+    """Chan's merge of per-tile statistics: a mean 1e3 x the spread loses nothing (the one-pass
+    E[x^2] - E[x]^2 would lose ~6 digits in fp32). Checked against float64."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 64, 11, 13, generator=g) + 1000.0).to(DEVICE)
+    w, b = 1 + 0.2 * torch.randn(64, generator=g), 0.3 * torch.randn(64, generator=g)
+    out = gn.group_norm_silu(x, 8, w.to(DEVICE), b.to(DEVICE), 1e-6, True, block=64)
+    ref = gn.group_norm_silu_torch(x.double(), 8, w.double(), b.double(), 1e-6, True)
+    assert (out.double().cpu() - ref.cpu()).abs().max().item() < 1e-3  # fp32 x itself: ulp 6e-5 at 1e3
+
+
+def test_group_norm_silu_no_affine_and_bad_inputs():
+    x = _rand(2, 12, 5, 6, dtype=F32)
+    _check(gn.group_norm_silu(x, 4), gn.group_norm_silu_torch(x, 4), F32, "no affine")
+    with pytest.raises(ValueError, match="do not split into 5 groups"):
+        gn.group_norm_silu(x, 5)
+    with pytest.raises(ValueError, match="contiguous"):
+        gn.group_norm_silu(x.transpose(2, 3), 4)
+    with pytest.raises(ValueError, match="weight must be"):
+        gn.group_norm_silu(x, 4, torch.ones(6, device=DEVICE))
+
+
 # --------------------------------------------------------------------------------- dispatch
 @pytest.fixture
 def backend():
@@ -343,6 +403,80 @@ def test_denoising_step_kernels_equal_plain_cuda_fp16(backend):
             outs[name] = den(x, 500, ctx, frames=f, ref=state).float()
     rel = ((outs["triton"] - outs["sdpa"]).norm() / outs["sdpa"].norm()).item()
     assert rel < 1e-2, rel
+
+
+def _count_group_norm_launches(monkeypatch) -> list:
+    launches = []
+    original = gn.group_norm_silu
+    monkeypatch.setattr(gn, "group_norm_silu",
+                        lambda *a, **k: launches.append(a[0].shape) or original(*a, **k))
+    return launches
+
+
+def test_resnet_block_through_group_norm_kernel_equals_plain(backend, monkeypatch):
+    """A resnet block (channel change, so the shortcut conv too) with backend 'triton' (fused
+    GroupNorm + SiLU twice, interpreter on CPU) against the plain path, fp32: < 1e-5."""
+    from aa_trt.models.layers import ResnetBlock
+    torch.manual_seed(0)
+    block = ResnetBlock(64, 96, 48, groups=32, eps=1e-5).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in block.parameters():  # norms with non-trivial affine parameters
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(4)
+    x, temb = _rand(3, 64, 7, 9, dtype=F32, g=g), _rand(3, 48, dtype=F32, g=g)
+    launches = _count_group_norm_launches(monkeypatch)
+    outs = {}
+    with torch.no_grad():
+        for name in ("sdpa", "triton"):
+            backend(name)
+            outs[name] = block(x, temb)
+    assert launches == [(3, 64, 7, 9), (3, 96, 7, 9)]  # norm1 and norm2, triton run only
+    assert (outs["triton"] - outs["sdpa"]).abs().max().item() < 1e-5
+    # state-dict names unchanged: Moore's checkpoints load as before
+    assert sorted(k for k in block.state_dict() if "norm" in k) == [
+        "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]
+
+
+def test_tiny_unet_through_kernels_equals_plain(backend, monkeypatch):
+    """The tiny preset's denoising UNet (resnets, conv_norm_out, motion modules; uncond + cond
+    rows with the reference K/V), backend 'triton' against 'sdpa', fp32: < 1e-4."""
+    from helpers import randomize_
+
+    from aa_trt.config import PRESETS
+    from aa_trt.models import UNet
+    from aa_trt.models.layers import ReferenceState
+    cfg, f = PRESETS["tiny"], 2
+    den = randomize_(UNet(cfg.unet, cfg.motion), 0).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(6)
+    x = _rand(2 * f, 4, 8, 8, dtype=F32, g=g)
+    ctx = _rand(2 * f, 1, cfg.unet.cross_attention_dim, dtype=F32, g=g)
+    widths = [blk.attn1.to_k.out_features for blk in den.transformer_blocks()]
+    kv = [(_rand(1, 10, c, dtype=F32, g=g), _rand(1, 10, c, dtype=F32, g=g)) for c in widths]
+    state = ReferenceState(kv=kv, runs=ReferenceState.row_runs([False, True], f))
+    launches = _count_group_norm_launches(monkeypatch)
+    outs = {}
+    with torch.no_grad():
+        for name in ("sdpa", "triton"):
+            backend(name)
+            outs[name] = den(x, 500, ctx, frames=f, ref=state)
+    n_resnets = sum(1 for m in den.modules() if type(m).__name__ == "ResnetBlock")
+    assert len(launches) == 2 * n_resnets + 1  # + conv_norm_out
+    assert (outs["triton"] - outs["sdpa"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU path")
+def test_auto_backend_and_autograd_keep_plain_group_norm(backend, monkeypatch):
+    from aa_trt.models.layers import ResnetBlock
+    block = ResnetBlock(16, 16, 8, groups=8, eps=1e-5)
+    x, temb = torch.randn(2, 16, 5, 5), torch.randn(2, 8)
+    launches = _count_group_norm_launches(monkeypatch)
+    backend("auto")
+    with torch.no_grad():
+        block(x, temb)
+        attn_math.group_norm_silu(x.half(), 8, None, None, 1e-5)  # CPU fp16 under "auto": plain
+    backend("triton")
+    block(x, temb).sum().backward()  # parameters need grad: the kernel is forward-only
+    assert not launches and block.norm1.weight.grad is not None
 
 
 def test_motion_attention_folds_pe_into_kernel_biases(backend, monkeypatch):

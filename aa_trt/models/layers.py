@@ -42,6 +42,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)): one fused Triton kernel where the attention backend allows kernels (CUDA
+    fp16/bf16 under "auto"; see aa_trt.attention), nn.GroupNorm's F.group_norm + F.silu otherwise.
+    The module keeps its parameters, so state-dict keys do not change."""
+    return attn_math.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float):
         super().__init__()
@@ -54,9 +61,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # x (n, c, h, w), temb (n, temb_ch): the time embedding, one row per frame.
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(norm_silu(self.norm2, h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -138,18 +145,14 @@ class ReferenceState:
     bank: list[torch.Tensor] | None = None
     bank_limit: int | None = None
 
-    def row_flags(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per frame row: does it read the reference? None when every row does. Cached on the
-        rows' device, so a captured step does not copy flags from the host on every block."""
+    def row_flags(self) -> tuple[bool, ...] | None:
+        """Per frame row: does it read the reference? None when every row does. Host values: the
+        plain path splits the batch by them without reading anything back from the device (no
+        sync inside a CUDA graph capture, no graph break under torch.compile), and the kernel
+        path's device copy is cached by `attention.reference_attention`."""
         if not self.runs or all(use for _, _, use in self.runs):
             return None
-        cached = getattr(self, "_flags", None)
-        if cached is None or cached.device != x.device:
-            flags = torch.zeros(self.runs[-1][1], dtype=torch.int32)
-            for start, stop, use in self.runs:
-                flags[start:stop] = int(use)
-            self._flags = cached = flags.to(x.device)
-        return cached
+        return tuple(use for start, stop, use in self.runs for _ in range(stop - start))
 
     @staticmethod
     def row_runs(use_reference: list[bool] | tuple[bool, ...], frames: int) -> list[tuple[int, int, bool]]:
@@ -187,7 +190,7 @@ class TransformerBlock(nn.Module):
         k_ref, v_ref = ref.kv[self.index]
         # One call for cond and uncond rows: the kernel skips the reference per row; the plain
         # path splits the batch into runs of equal flags.
-        out = attn_math.reference_attention(q, k, v, k_ref, v_ref, a.heads, ref.row_flags(x))
+        out = attn_math.reference_attention(q, k, v, k_ref, v_ref, a.heads, ref.row_flags())
         return a.to_out[0](out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):

@@ -10,12 +10,11 @@ One class, three roles, diffusers/Moore state-dict names throughout:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import MotionConfig, UNetConfig
 from .layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
-                     TimestepEmbedding, TransformerBlock, Upsample, timestep_embedding)
+                     TimestepEmbedding, TransformerBlock, Upsample, norm_silu, timestep_embedding)
 from .motion import MotionModule
 
 
@@ -205,7 +204,7 @@ class UNet(nn.Module):
             h = block(h, block_skips, temb, context, frames, ref, up_size)
         if self.conv_out is None:
             return h
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
     def reference_bank(self, x: torch.Tensor, timestep, context: torch.Tensor) -> list[torch.Tensor]:
         """ReferenceNet mode: the norm1 output of every transformer block, (b, L_i, C_i) each.
