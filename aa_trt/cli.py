@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=None, help="output height, a multiple of 8")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="compute precision")
+    r.add_argument("--offload", action="store_true",
+                   help="move the ReferenceNet, CLIP and the VAE encoder to the CPU once the reference "
+                   "is encoded: less GPU memory while denoising (nothing moves on --device cpu)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoising UNet (the first steps of each window shape compile)")
+    r.add_argument("--cuda-graph", action="store_true",
+                   help="replay the denoising UNet from CUDA graphs, one per input shape (CUDA only)")
     r.add_argument("--parallel", choices=("auto", "window", "guidance", "both"), default="auto",
                    help="under torchrun: share each step's context windows among the ranks (window), "
                    "put the uncond and cond branches on two groups of ranks (guidance; both: the same, "
@@ -356,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=1e-2)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    t.add_argument("--lr-decay", choices=("constant", "cosine"), default=None,
+                   help="after warm-up: constant LR (default) or cosine down to --lr-floor x LR at --steps")
+    t.add_argument("--lr-floor", type=float, default=None, help="cosine decay's final LR fraction (default 0.1)")
     t.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
                    help="mixed precision (CUDA only; default no)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

@@ -250,3 +250,18 @@ def test_min_snr_weight_is_moores_for_v():
     w = min_snr_weight(snr, 5.0, "v_prediction")
     assert torch.allclose(w, torch.tensor([1.0, 1.0, 1.0, 5.0 / 11.0]))  # min(SNR+1, 5) / (SNR+1)
     assert torch.equal(min_snr_weight(snr, 0.0), torch.ones(4))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from aa_trt.training.loop import TrainOptions, lr_factor
+
+    const = TrainOptions(stage=1, data="d", out="o", preset="tiny", steps=100, warmup=10)
+    assert [round(lr_factor(const, s), 6) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = TrainOptions(stage=1, data="d", out="o", preset="tiny", steps=100, warmup=10,
+                       lr_decay="cosine", lr_floor=0.2)
+    f = [lr_factor(cos, s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # never rises after warm-up
+    assert f[54] == pytest.approx(0.6, abs=0.02) and f[99] == pytest.approx(0.2)
+    with pytest.raises(Exception, match="lr-decay"):
+        TrainOptions(stage=1, data="d", out="o", preset="tiny", lr_decay="linear")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -37,6 +38,18 @@ MODEL_FILE = "model.safetensors"
 STATE_VERSION = 1
 
 
+def lr_factor(opts: "TrainOptions", step: int) -> float:
+    """The LR multiplier after `step` optimiser steps: linear warm-up, then constant or cosine."""
+    warm = max(1, opts.warmup)
+    if step + 1 < warm:
+        return (step + 1) / warm
+    if opts.lr_decay == "constant":
+        return 1.0
+    span = max(1, opts.steps - warm)
+    progress = min(1.0, max(0, step + 1 - warm) / span)
+    return opts.lr_floor + (1 - opts.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclass
 class TrainOptions:
     stage: int
@@ -57,6 +70,10 @@ class TrainOptions:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     warmup: int = 0
+    # After warm-up: "constant", or "cosine" down to lr_floor x lr at `steps` (a run that must
+    # stop at a known step ends on small, averaged-out updates instead of full-size noisy ones).
+    lr_decay: str = "constant"
+    lr_floor: float = 0.1
     precision: str = "no"            # "bf16" / "fp16": autocast on CUDA
     grad_checkpointing: bool = False
     save_every: int = 500
@@ -74,6 +91,8 @@ class TrainOptions:
             self.frames = 1 if self.stage == 1 else 16
         if self.stage == 1 and self.frames != 1:
             raise InputError("stage 1 trains on single frames (--frames 1)")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise InputError(f"--lr-decay {self.lr_decay!r}: expected constant or cosine")
         if self.precision not in ("no", "bf16", "fp16"):
             raise InputError(f"--precision {self.precision!r}: expected no, bf16 or fp16")
         if not 0 <= self.uncond_ratio <= 1:
@@ -189,8 +208,7 @@ class Trainer:
             self.ddp = self.model
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=opts.lr,
                                            weight_decay=opts.weight_decay, foreach=True)
-        warm = max(1, opts.warmup)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(opts, s))
         self.scaler = torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
         self.step = 0
         self._videos: VideoSet | None = None
