@@ -503,6 +503,7 @@ def _follow(opts, parallel: str) -> int:
             raise InputError(f"--dtype {opts.dtype}: expected one of {', '.join(_DTYPE_NAMES)}")
         anim = DistributedAnimator.follower(checkpoint_path(opts.ckpt), device=local_device(opts.device),
                                             dtype=_DTYPE_NAMES[opts.dtype], parallel=parallel)
+        anim.set_options(compile=opts.compile, cuda_graph=opts.cuda_graph)  # nothing to offload here
     except Exception as e:  # noqa: BLE001 -- reported to every rank by follow/agree
         err = e
     try:

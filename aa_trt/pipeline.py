@@ -51,19 +51,43 @@ def _resize(img: Image.Image, width: int, height: int) -> Image.Image:
 
 
 class Animator:
-    def __init__(self, models: Models, device="cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, models: Models, device="cpu", dtype: torch.dtype = torch.float32, *,
+                 offload: bool = False, compile: bool = False, cuda_graph: bool = False):
         self.models = models
         self.config = models.config
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae_dtype = vae_dtype_for(dtype)
         self.last_seed: int | None = None
+        self._offloaded = False  # the conditioning models are on the CPU (see `offload`)
+        self.set_options(offload=offload, compile=compile, cuda_graph=cuda_graph)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32) -> "Animator":
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32, **options) -> "Animator":
+        """options: `offload`, `compile`, `cuda_graph` (see `set_options`)."""
         models = load_checkpoint(Path(path), device=device, dtype=dtype,
                                  component_dtypes={"vae": vae_dtype_for(dtype)})
-        return cls(models, device, dtype)
+        return cls(models, device, dtype, **options)
+
+    def set_options(self, *, offload: bool = False, compile: bool = False, cuda_graph: bool = False) -> None:
+        """Memory and speed options of the torch path; all off is the plain eager path.
+
+        offload: once a video's conditioning is computed, move the ReferenceNet, the CLIP image
+          encoder and the VAE encoder to the CPU (denoising never runs them; the VAE decoder and
+          the PoseGuider stay). They come back for the next video. On a CPU device: nothing moves.
+        compile: torch.compile the denoising UNet's call in the denoise loop (each new shape
+          compiles on first use); a failure raises InputError suggesting to run without it.
+        cuda_graph: replay the denoising UNet's call from CUDA graphs, one per input shape
+          (aa_trt.cuda_graph); CUDA only. With `compile` too, the compiled call is captured.
+        """
+        if cuda_graph and self.device.type != "cuda":
+            raise InputError(f"CUDA graphs need a CUDA device; this run is on {self.device} "
+                             f"(drop --cuda-graph, or use --device cuda)")
+        options = (bool(offload), bool(compile), bool(cuda_graph))
+        if options != getattr(self, "_options", None):
+            self._options = options
+            self.offload, self.compile, self.cuda_graph = options
+            self._unet_call = None  # built on first use
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -105,10 +129,28 @@ class Animator:
         self.check_size(width, height)
         if (pw, ph) != (width, height):
             poses = np.stack([np.asarray(_resize(Image.fromarray(p), width, height)) for p in poses])
+        self._place_conditioners(self.device)  # back from an earlier video's offload
         clip = self.encode_clip(ref_image)
         ref_latent = self.encode_reference(ref_image, width, height)
         kv = self.reference_kv(ref_latent, clip)
+        if self.offload:
+            self._place_conditioners(torch.device("cpu"))
         return Conditioning(clip, ref_latent, kv, self.encode_poses(poses), width, height)
+
+    def conditioning_models(self) -> list[torch.nn.Module]:
+        """What `offload` moves off the device: the ReferenceNet, the CLIP image encoder and the
+        VAE's encoder half (encoder, quant_conv); not the decoder, the PoseGuider or the UNet."""
+        m = self.models
+        vae = m.vae
+        mods = [m.reference_unet, m.image_encoder, getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)]
+        return [mod for mod in mods if isinstance(mod, torch.nn.Module)]
+
+    def _place_conditioners(self, device: torch.device) -> None:
+        if self.device.type == "cpu" or self._offloaded == (device.type == "cpu"):
+            return  # on a CPU run everything already is on the CPU
+        for mod in self.conditioning_models():
+            mod.to(device)
+        self._offloaded = device.type == "cpu"
 
     def check_size(self, width: int, height: int) -> None:
         """Refuse an output size this backend cannot run (engines override it)."""
@@ -124,7 +166,10 @@ class Animator:
     def unet_step(self, cond: Conditioning):
         """The per-window step for `windowed_guidance`: uncond rows without reference attention
         and with a zero CLIP context, cond rows with both; every row gets its pose features."""
-        unet = self.models.denoising_unet
+        call = self.unet_call()
+        # torch.compile gets the timestep as a device tensor (an int would be a new constant per
+        # step: a recompile); CUDA graphs fill their own device scalar from the int.
+        t_tensor = self.compile and not self.cuda_graph
         clip = cond.clip_embeds[:, None].to(self.dtype)  # (1, 1, D)
 
         @torch.no_grad()
@@ -142,10 +187,25 @@ class Animator:
                              for b in branches for _ in range(k)])
             use_ref = [b == "cond" for b in branches for _ in range(k)]
             state = ReferenceState(kv=cond.reference_kv.pairs, runs=ReferenceState.row_runs(use_ref, f))
-            out = unet(x, t, ctx, frames=f, pose=pose, ref=state)
+            out = call(x, torch.tensor(t, device=self.device) if t_tensor else t, ctx, frames=f,
+                       pose=pose, ref=state)
             return out.view(nb * k, f, c, h, w).permute(0, 2, 1, 3, 4).float()
 
         return step
+
+    def unet_call(self):
+        """The denoising UNet's call as the denoise loop runs it, `(x, t, context, frames=, pose=,
+        ref=)`: the module itself, torch.compile'd (`compile`) and/or replayed from CUDA graphs
+        (`cuda_graph`); built once per set of options."""
+        if self._unet_call is None:
+            call = self.models.denoising_unet
+            if self.compile:
+                call = _compiled(call)
+            if self.cuda_graph:
+                from .cuda_graph import GraphedUNet
+                call = GraphedUNet(call)
+            self._unet_call = call
+        return self._unet_call
 
     def initial_latents(self, cond: Conditioning, seed: int | None) -> torch.Tensor:
         """(1, c, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
@@ -214,6 +274,31 @@ class Animator:
         if output == "latent":
             return out
         return self.decode(out, decode_chunk, progress)
+
+
+def _compile_error(e: BaseException) -> InputError:
+    lines = str(e).strip().splitlines()
+    why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return InputError(f"--compile: torch.compile failed ({why}); run without --compile")
+
+
+def _compiled(unet: torch.nn.Module):
+    """torch.compile(unet) (static shapes: each window shape compiles once, as CUDA graphs key
+    them), whose compilation failures (at the first call of each shape) become one InputError."""
+    try:
+        import torch._dynamo
+
+        fn = torch.compile(unet, dynamic=False)
+    except Exception as e:  # noqa: BLE001 -- e.g. a Python version dynamo does not support
+        raise _compile_error(e) from e
+
+    def call(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise _compile_error(e) from e
+
+    return call
 
 
 def _check_poses(poses) -> np.ndarray:

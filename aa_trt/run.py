@@ -41,6 +41,9 @@ class RunOptions:
     height: int | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    offload: bool = False
+    compile: bool = False
+    cuda_graph: bool = False
     quiet: bool = False
 
 
@@ -139,6 +142,13 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if opts.dtype not in dtypes:
         raise InputError(f"--dtype {opts.dtype}: expected one of {', '.join(dtypes)}")
+    if opts.cuda_graph and not opts.device.startswith("cuda"):
+        raise InputError(f"--cuda-graph needs --device cuda (CUDA graphs replay GPU work); "
+                         f"drop it for --device {opts.device}")
+    torch_options = dict(offload=opts.offload, compile=opts.compile, cuda_graph=opts.cuda_graph)
+    if opts.engine is not None and any(torch_options.values()):
+        raise InputError("--offload, --compile and --cuda-graph apply to the torch backend; "
+                         "drop them with --engine")
     ckpt = checkpoint_path(opts.ckpt)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {opts.device}: no CUDA device is available to this torch build")
@@ -165,6 +175,7 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
             anim = animator_from_dir(opts.engine, ckpt)
         else:
             anim = (make_animator or Animator.from_pretrained)(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
+            anim.set_options(**torch_options)
     poses, facts = driving_poses(opts, clip, ref_image, width, height, timer)
     with timer("animate"):
         frames = anim(ref_image, poses, steps=opts.steps, guidance=opts.guidance,

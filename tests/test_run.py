@@ -88,6 +88,21 @@ def test_bad_inputs(files, tmp_path, capsys):
     _bad(tmp_path, capsys, ["run", ref, dance, "--ckpt", str(cut), "--pose-video"], "cut.safetensors")
 
 
+def test_speed_flags(files, tmp_path, capsys, monkeypatch):
+    ref, dance = str(files["ref"]), str(files["dance"])
+    ck = ["--ckpt", str(files["ckpt"]), "--pose-video", "--steps", "1", "--quiet"]
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--cuda-graph"], "--cuda-graph needs --device cuda")
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--engine", str(tmp_path), "--compile"],
+         "apply to the torch backend")
+    import aa_trt.run
+    seen = []
+    monkeypatch.setattr(aa_trt.run, "run", lambda opts, *a, **k: seen.append(opts) or {})
+    monkeypatch.setattr(aa_trt.run, "summary_line", lambda result: "")
+    cli(["run", ref, dance, "-o", str(tmp_path / "o.mp4"), "--offload", "--compile", "--cuda-graph",
+         "--device", "cuda"])
+    assert (seen[0].offload, seen[0].compile, seen[0].cuda_graph) == (True, True, True)
+
+
 def test_no_embedded_model_says_so(files, tmp_path, capsys, monkeypatch):
     import aa_trt.run
     monkeypatch.setattr(aa_trt.run, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
