@@ -8,3 +8,4 @@ aa-trt train --stage 2 --init runs/stage1/model.safetensors --data data/synth128
 python docs/training/ship.py runs/stage2/model.safetensors aa_trt/assets/default.safetensors   # fp16 storage
 aa-trt eval --ckpt aa_trt/assets/default.safetensors --data data/synth128 --videos 6 --frames 24 --ceiling -o eval_default.json
 python examples/make_examples.py data/synth128
+aa-trt eval --ckpt aa_trt/assets/default.safetensors --data data/synth128 --videos 6 --frames 24 --guidance 1.5 --no-baselines -o eval_default_cfg1.5.json
