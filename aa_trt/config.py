@@ -240,8 +240,9 @@ TINY_CLIP = dict(
     layer_norm_eps=1e-5, num_channels=3,
 )
 
-# The embedded default model's parts, trained here (stage 0): SD's VAE layout (8x, 4 channels) at
-# a quarter of its widths, and a 64-pixel CLIP ViT with a 64-wide projection. The VAE keeps SD's
+# The embedded default model's parts, trained here (stage 0): SD's VAE layout (8x) at a quarter
+# of its widths with 16 latent channels (with SD's 4 even a perfect denoiser's output, the VAE's
+# own reconstruction, scored below copying the reference: docs/training.md), and a 64-pixel CLIP ViT with a 64-wide projection. The VAE keeps SD's
 # 4 channels per norm group: with 2 (16 groups at width 32) a flat colour region leaves each
 # group only a sign after normalisation, and stage 0 stalled with grey reconstructions.
 SMALL_VAE = dict(
