@@ -207,15 +207,18 @@ class Animator:
             self._unet_call = call
         return self._unet_call
 
+    def latent_shape(self, cond: Conditioning) -> tuple[int, ...]:
+        """(1, c, N, H/f, W/f): the latents a video with this conditioning is denoised in."""
+        f = self.config.latent_factor
+        return (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
+
     def initial_latents(self, cond: Conditioning, seed: int | None) -> torch.Tensor:
         """(1, c, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
         every device (Moore draws with torch.Generator().manual_seed(seed) the same way)."""
         if seed is None:
             seed = secrets.randbits(63)
         self.last_seed = seed
-        f = self.config.latent_factor
-        shape = (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        return torch.randn(self.latent_shape(cond), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, steps: int = 20, guidance: float = 3.5,
                 context_frames: int = 24, context_overlap: int = 4, context_schedule: str = "uniform",
@@ -263,8 +266,7 @@ class Animator:
         if output not in ("np", "latent"):
             raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
         cond = self.prepare(ref_image, poses, width, height)
-        f = self.config.latent_factor
-        shape = (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
+        shape = self.latent_shape(cond)
         if latents is None:
             latents = self.initial_latents(cond, seed)
         elif tuple(latents.shape) != shape:

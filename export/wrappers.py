@@ -64,7 +64,7 @@ class ReferenceKVNet(nn.Module):
         self.bank_dtype = bank_dtype
 
     def forward(self, ref_latent: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # ref_latent (1, 4, h, w), context (1, 1, D)  ->  k0, v0, k1, v1, ... each (1, m_i, c_i)
+        # ref_latent (1, c, h, w), context (1, 1, D)  ->  k0, v0, k1, v1, ... each (1, m_i, c_i)
         banks = self.reference_unet.reference_bank(ref_latent, 0, context)
         return tuple(project_banks(self.denoising_unet, banks, self.bank_dtype).flat())
 

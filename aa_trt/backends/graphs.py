@@ -44,7 +44,7 @@ class Vae:
         self.encoder, self.decoder, self.latent_scale = encoder, decoder, latent_scale
 
     def encode(self, image: torch.Tensor) -> SimpleNamespace:
-        # (1, 3, H, W) in [-1, 1] -> .latent_dist.mean (1, 4, H/8, W/8), unscaled
+        # (1, 3, H, W) in [-1, 1] -> .latent_dist.mean (1, c, H/f, W/f), unscaled
         scaled = self.encoder(image, device=image.device)[0]
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=scaled / self.latent_scale))
 
@@ -67,7 +67,7 @@ class ReferenceKVNet:
         self.graph = graph
 
     def __call__(self, ref_latent: torch.Tensor, context: torch.Tensor) -> ReferenceKV:
-        # ref_latent (1, 4, h, w), context (1, 1, D) -> per block (k, v) (1, m_i, c_i)
+        # ref_latent (1, c, h, w), context (1, 1, D) -> per block (k, v) (1, m_i, c_i)
         flat = self.graph(ref_latent, context, device=ref_latent.device)
         return ReferenceKV([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])
 

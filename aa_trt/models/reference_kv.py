@@ -51,7 +51,7 @@ def project_banks(denoiser: UNet, banks: list[torch.Tensor], bank_dtype: str = "
 @torch.no_grad()
 def compute_reference_kv(refnet: UNet, denoiser: UNet, ref_latent: torch.Tensor,
                          context: torch.Tensor, bank_dtype: str = "float16") -> ReferenceKV:
-    """ReferenceNet at t=0 on the reference latent (1, 4, h, w) with its CLIP context (1, 1, D),
+    """ReferenceNet at t=0 on the reference latent (1, c, h, w) with its CLIP context (1, 1, D),
     cond branch only (Moore's uncond row of the bank is never read), then the projection."""
     banks = refnet.reference_bank(ref_latent, 0, context)
     return project_banks(denoiser, banks, bank_dtype)
