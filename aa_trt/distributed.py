@@ -284,9 +284,10 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
             if check is not None:
                 check()
             for s in range(0, len(mine), window_batch):
-                group = [w.to(x.device) for w in mine[s:s + window_batch]]
+                host = mine[s:s + window_batch]
+                group = [w.to(x.device) for w in host]
                 x_win = torch.cat([x[:, :, w] for w in group])
-                pred = unet_step(x_win, t, group, plan.branches)
+                pred = unet_step(x_win, t, host, plan.branches)
                 pred = pred.view(len(plan.branches), len(group), *pred.shape[1:])
                 part = sums[row:row + len(plan.branches)]
                 for j, w in enumerate(group):

@@ -45,6 +45,17 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+# Pixels per VAE decoder call when the caller gives no chunk: the decoder's full-resolution
+# activations dominate a run's peak (an 8-frame chunk at 512x768 in fp32 allocates ~9 GB, one
+# frame ~1.2 GB; counted in benchmarks/test_device_memory.py), so the chunk shrinks as frames grow:
+# 8 frames up to 362x362, 2 at 512x768, 1 at 768x768.
+DECODE_PIXELS = 1 << 20
+
+
+def default_decode_chunk(height: int, width: int) -> int:
+    return max(1, min(8, DECODE_PIXELS // max(1, height * width)))
+
+
 def _resize(img: Image.Image, width: int, height: int) -> Image.Image:
     # diffusers' VaeImageProcessor (what Moore's pipeline uses) resizes with Lanczos.
     return img if img.size == (width, height) else img.resize((width, height), Image.LANCZOS)
@@ -111,14 +122,17 @@ class Animator:
         return (mean * self.config.latent_scale).to(self.dtype)
 
     @torch.no_grad()
-    def encode_poses(self, poses: np.ndarray, chunk: int = 16) -> torch.Tensor:
-        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore."""
+    def encode_poses(self, poses: np.ndarray, chunk: int = 16, to_host: bool = False) -> torch.Tensor:
+        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore.
+        to_host: each chunk's features go to host memory as they are made (see `prepare`)."""
         out = []
         for s in range(0, len(poses), chunk):
             x = torch.from_numpy(np.ascontiguousarray(poses[s:s + chunk])).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
-            out.append(self.models.pose_guider(x))
-        return torch.cat(out)
+            f = self.models.pose_guider(x)
+            out.append(f.to("cpu") if to_host else f)
+        feats = torch.cat(out)
+        return feats.pin_memory() if to_host and self.device.type == "cuda" else feats
 
     def prepare(self, ref_image: Image.Image, poses: np.ndarray, width: int | None = None,
                 height: int | None = None) -> Conditioning:
@@ -135,7 +149,11 @@ class Animator:
         kv = self.reference_kv(ref_latent, clip)
         if self.offload:
             self._place_conditioners(torch.device("cpu"))
-        return Conditioning(clip, ref_latent, kv, self.encode_poses(poses), width, height)
+        # The pose features are the one conditioning tensor that grows with the video (3.75 MB a
+        # frame at 512x768 in fp16): with `offload` they stay in host memory and each window's
+        # frames move to the device when the window runs, so device memory is flat in length.
+        host = self.offload and self.device.type != "cpu"
+        return Conditioning(clip, ref_latent, kv, self.encode_poses(poses, to_host=host), width, height)
 
     def conditioning_models(self) -> list[torch.nn.Module]:
         """What `offload` moves off the device: the ReferenceNet, the CLIP image encoder and the
@@ -179,8 +197,9 @@ class Animator:
             k, c, f, h, w = x_win.shape
             nb = len(branches)
             x = x_win.permute(0, 2, 1, 3, 4).reshape(k * f, c, h, w).to(self.dtype)
-            pose = torch.cat([cond.pose_features[torch.as_tensor(win, device=self.device)]
-                              for win in windows])
+            feats = cond.pose_features  # on the device, or on the host with `offload`
+            pose = torch.cat([feats[torch.as_tensor(win, device=feats.device)]
+                              for win in windows]).to(self.device, non_blocking=True)
             if nb > 1:
                 x, pose = x.repeat(nb, 1, 1, 1), pose.repeat(nb, 1, 1, 1)
             ctx = torch.cat([clip if b == "cond" else torch.zeros_like(clip)
@@ -240,11 +259,15 @@ class Animator:
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 8, progress: bool = False) -> np.ndarray:
-        """latents (1, c, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call."""
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False) -> np.ndarray:
+        """latents (1, c, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call
+        (None: `default_decode_chunk` of the output size)."""
         from tqdm.auto import tqdm
 
         z = latents[0].permute(1, 0, 2, 3)  # (N, c, h, w)
+        if chunk is None:
+            f = self.config.latent_factor
+            chunk = default_decode_chunk(z.shape[-2] * f, z.shape[-1] * f)
         frames = None  # filled chunk by chunk: the video is held once, not twice
         for s in tqdm(range(0, z.shape[0], chunk), desc="decode", disable=not progress):
             x = self.models.vae.decode((z[s:s + chunk] / self.config.latent_scale).to(self.vae_dtype)).sample
@@ -259,7 +282,7 @@ class Animator:
                  context_frames: int = 24, context_overlap: int = 4, seed: int | None = None,
                  latents: torch.Tensor | None = None, output: str = "np", *, width: int | None = None,
                  height: int | None = None, context_schedule: str = "uniform", window_batch: int = 1,
-                 decode_chunk: int = 8, progress: bool = True, callback=None):
+                 decode_chunk: int | None = None, progress: bool = True, callback=None):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
         size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
         output="latent" the final latents (1, c, N, H/f, W/f)."""

@@ -161,7 +161,8 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
     """A whole-video model from a per-window UNet step, Moore's aggregation:
 
     `unet_step(x_win, t, windows, branches)`: x_win (k, c, F, h, w) the latents of k windows,
-    `windows` their k frame-index tensors (F,) on x's device,
+    `windows` their k frame-index tensors (F,) in host memory (a step that indexes device data
+    moves them; one that indexes host data, e.g. offloaded pose features, needs no device read),
     `branches` ("uncond", "cond") or ("cond",) -> predictions (len(branches) * k, c, F, h, w),
     rows [branch 0: k windows, branch 1: k windows]. Predictions are summed per frame over the
     windows and divided by the per-frame count, then combined: uncond + g * (cond - uncond).
@@ -175,9 +176,10 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
         # x (1, c, N, h, w) -> guided prediction (1, c, N, h, w)
         sums = torch.zeros((len(branches),) + x.shape[1:], dtype=x.dtype, device=x.device)
         for s in range(0, len(idx), window_batch):
-            group = [w.to(x.device) for w in idx[s:s + window_batch]]
+            host = idx[s:s + window_batch]
+            group = [w.to(x.device) for w in host]
             x_win = torch.cat([x[:, :, w] for w in group])
-            pred = unet_step(x_win, t, group, branches)
+            pred = unet_step(x_win, t, host, branches)
             pred = pred.view(len(branches), len(group), *pred.shape[1:])
             for j, w in enumerate(group):
                 sums.index_add_(2, w, pred[:, j])

@@ -64,6 +64,9 @@ def test_offload_lowers_peak_memory_while_denoising(ckpt):
         cond = anim.prepare(ref, poses)
         where = {p.device.type for mod in anim.conditioning_models() for p in mod.parameters()}
         assert where == {"cpu" if offload else "cuda"}
+        # The pose features (the one conditioning tensor that grows with the video) stay on the host.
+        assert cond.pose_features.device.type == ("cpu" if offload else "cuda")
+        assert cond.pose_features.is_pinned() == offload
         latents = anim.initial_latents(cond, 0)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -76,6 +79,32 @@ def test_offload_lowers_peak_memory_while_denoising(ckpt):
     peak_back, out_back = denoise_peak(False)
     assert peak_off <= peak_on - moved // 2, (peak_on, peak_off, moved)
     assert max_abs(out_on, out_off) < 1e-6 and max_abs(out_on, out_back) < 1e-6
+
+
+def test_feed_forward_in_row_chunks_equals_whole(monkeypatch):
+    """Above layers.FF_CHUNK_ELEMENTS inner elements the feed-forward runs its rows in chunks
+    (the step's largest buffers at 512x768): same result, rows independent."""
+    from aa_trt.models import layers
+
+    torch.manual_seed(0)
+    ff = layers.FeedForward(24).eval()
+    x = torch.randn(7, 13, 24)
+    with torch.no_grad():
+        whole = ff(x)
+        monkeypatch.setattr(layers, "FF_CHUNK_ELEMENTS", 13 * 24 * 4 * 2 * 3)  # 3 rows a chunk
+        chunked = ff(x)
+    assert max_abs(chunked, whole) < 1e-6 and chunked.abs().max() > 0
+
+
+def test_default_decode_chunk_shrinks_with_frame_size(ckpt):
+    from aa_trt.pipeline import default_decode_chunk
+
+    assert default_decode_chunk(128, 128) == 8 and default_decode_chunk(512, 512) == 4
+    assert default_decode_chunk(768, 512) == 2 and default_decode_chunk(768, 768) == 1
+    anim = Animator.from_pretrained(ckpt)
+    z = torch.randn(1, anim.config.latent_channels, 5, 4, 6)
+    # oneDNN picks its convolution algorithm by batch size: equal within fp32 rounding
+    assert np.abs(anim.decode(z) - anim.decode(z, chunk=2)).max() < 1e-5
 
 
 # ------------------------------------------------------------------------------ compile

@@ -122,12 +122,13 @@ class GraphAnimator(Animator):
         self.engine_dir, self.manifest = Path(engine_dir), manifest
         self.size = (shapes["width"], shapes["height"])
 
-    def encode_poses(self, poses: np.ndarray, chunk: int | None = None) -> torch.Tensor:
+    def encode_poses(self, poses: np.ndarray, chunk: int | None = None, to_host: bool = False) -> torch.Tensor:
         # The graph's batch axis stops at the build's pose_chunk.
-        return super().encode_poses(poses, chunk or self.manifest["shapes"]["pose_chunk"])
+        return super().encode_poses(poses, chunk or self.manifest["shapes"]["pose_chunk"], to_host)
 
-    def decode(self, latents: torch.Tensor, chunk: int = 8, progress: bool = False) -> np.ndarray:
-        return super().decode(latents, min(chunk, self.manifest["shapes"]["decode_chunk"]), progress)
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False) -> np.ndarray:
+        built = self.manifest["shapes"]["decode_chunk"]  # the graphs' largest batch
+        return super().decode(latents, min(chunk or built, built), progress)
 
     def check_size(self, width: int, height: int) -> None:
         # Engines are built for one size (TensorRT profiles, the manifest's shapes).
