@@ -188,3 +188,47 @@ def _count_phases(animator, counter, ref, poses, steps, context_frames, decode_c
         del x
     peaks["decoding"] = counter.peak
     return peaks, held_after_conditioning
+
+
+def count_moore_run(animator, frames: int, width: int, height: int, *, steps: int = 1,
+                    guidance: float = 3.5, context_frames: int = 24, seed: int = 0) -> dict:
+    """The Moore-style run (benchmarks/moore_baseline.py) counted the same way: every model stays
+    on the device; the ReferenceNet at batch 2, the PoseGuider on all frames in one call, banks
+    repeated per frame, the VAE decoding one frame at a time. Our row-chunked feed-forward is
+    switched off: Moore's runs whole. `animator` should hold fp16 models with an fp16 VAE (Moore
+    runs everything in its weight_dtype)."""
+    import numpy as np
+    from PIL import Image
+
+    from aa_trt.models import layers
+
+    from .moore_baseline import moore_denoise, moore_prepare
+
+    rng = np.random.default_rng(seed)
+    ref = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    poses = np.zeros((frames, height, width, 3), np.uint8)
+    weights = sum(module_bytes(mod) for mod in animator.models.components().values())
+    counter, peaks = AllocationCounter("meta"), {}
+    chunk_elements, layers.FF_CHUNK_ELEMENTS = layers.FF_CHUNK_ELEMENTS, 1 << 62
+    try:
+        with counting(counter):
+            cond = moore_prepare(animator, ref, poses, guidance)
+            peaks["conditioning"] = counter.peak
+            counter.reset_peak()
+            latents = torch.empty(animator.latent_shape(cond), device="meta")
+            out = moore_denoise(animator, cond, latents, steps, guidance, context_frames)
+            del latents
+            peaks["denoising"] = counter.peak
+            counter.reset_peak()
+            vae, scale = animator.models.vae, animator.config.latent_scale
+            z = out[0].permute(1, 0, 2, 3)
+            for s in range(z.shape[0]):
+                x = vae.decode((z[s:s + 1] / scale).to(animator.vae_dtype)).sample
+                x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+                del x
+            peaks["decoding"] = counter.peak
+    finally:
+        layers.FF_CHUNK_ELEMENTS = chunk_elements
+    total = {k: v + weights for k, v in peaks.items()}
+    return dict(frames=frames, width=width, height=height, weights=weights, allocated_peak=peaks,
+                peak=total, run_peak=max(total.values()))

@@ -15,7 +15,7 @@ from aa_trt.checkpoint import build_models
 from aa_trt.config import PRESETS
 from aa_trt.pipeline import Animator
 
-from .device_memory import GiB, AllocationCounter, count_run, counting, module_bytes
+from .device_memory import GiB, AllocationCounter, count_moore_run, count_run, counting, module_bytes
 
 
 # ---------------------------------------------------------------------------- the counter itself
@@ -105,3 +105,25 @@ def test_run_memory_against_length_and_size(sd15_meta, record):
         assert growth < 216 * 0.5 * 2**20, (phase, growth)
     # The goal: within 8 GB counted, leaving room for the context and allocator slack.
     assert long["run_peak"] < 7 * GiB, long["peak"]
+
+
+@pytest.fixture(scope="module")
+def moore_meta():
+    """Moore runs every model in its weight_dtype (fp16), the VAE included."""
+    models = build_models(PRESETS["sd15"], "meta")
+    for module in models.components().values():
+        module.to(torch.float16).eval().requires_grad_(False)
+    animator = Animator(models, device="meta", dtype=torch.float16)
+    animator.vae_dtype = torch.float16
+    return animator
+
+
+@pytest.mark.parametrize("frames", [24, 240])
+def test_run_memory_against_moore_style(sd15_meta, moore_meta, frames, record):
+    ours = count_run(sd15_meta, frames, 512, 768, offload=True)
+    moore = count_moore_run(moore_meta, frames, 512, 768)
+    record(f"device memory of a run, counted (sd15 fp16, 512x768, {frames} frames, 24-frame windows, CFG; "
+           f"aa-trt --offload vs Moore-style, all models resident)", ours["run_peak"], "bytes",
+           baseline=moore["run_peak"], ratio=moore["run_peak"] / ours["run_peak"],
+           ratio_of="baseline / aa-trt: x less", details=dict(ours=ours, baseline=moore))
+    assert moore["run_peak"] > ours["run_peak"]
