@@ -125,14 +125,17 @@ class Animator:
     def encode_poses(self, poses: np.ndarray, chunk: int = 16, to_host: bool = False) -> torch.Tensor:
         """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore.
         to_host: each chunk's features go to host memory as they are made (see `prepare`)."""
-        out = []
+        feats = None  # filled chunk by chunk: the features are held once, not twice
         for s in range(0, len(poses), chunk):
             x = torch.from_numpy(np.ascontiguousarray(poses[s:s + chunk])).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
             f = self.models.pose_guider(x)
-            out.append(f.to("cpu") if to_host else f)
-        feats = torch.cat(out)
-        return feats.pin_memory() if to_host and self.device.type == "cuda" else feats
+            if feats is None:
+                shape = (len(poses),) + tuple(f.shape[1:])
+                feats = (torch.empty(shape, dtype=f.dtype, pin_memory=self.device.type == "cuda")
+                         if to_host else f.new_empty(shape))
+            feats[s:s + len(f)] = f
+        return feats
 
     def prepare(self, ref_image: Image.Image, poses: np.ndarray, width: int | None = None,
                 height: int | None = None) -> Conditioning:
