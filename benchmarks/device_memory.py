@@ -29,6 +29,8 @@ from torch.utils._pytree import tree_flatten
 
 from aa_trt.pipeline import default_decode_chunk
 
+from .workloads import video_inputs
+
 
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (e.g. a module's parameters)."""
@@ -134,17 +136,10 @@ def count_run(animator, frames: int, width: int, height: int, *, offload: bool, 
     allocated (activations, conditioning, latents) plus the phase's resident weights. One DDIM
     step: every step runs the same windows. Decoding mirrors `Animator.decode` up to its copy
     to the host (the frames are written into host memory chunk by chunk)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    ref = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    poses = np.zeros((frames, height, width, 3), np.uint8)  # contents are irrelevant on meta
+    ref, poses, _ = video_inputs(frames, height, width, seed)
     if decode_chunk is None:
         decode_chunk = default_decode_chunk(height, width)
     weights = resident_weights(animator, offload)
-    counter = AllocationCounter("meta")
-    peaks = {}
     if offload:
         # What `prepare` does with offload on a GPU, which the meta device cannot copy to the host:
         # each chunk's pose features are made on the device (counted) and kept in host memory.
@@ -159,35 +154,16 @@ def count_run(animator, frames: int, width: int, height: int, *, offload: bool, 
 
         animator.encode_poses = encode_to_host
     try:
-        with counting(counter):
-            peaks, held = _count_phases(animator, counter, ref, poses, steps, context_frames, decode_chunk)
+        peaks, held = _count_phases(
+            animator, lambda: animator.prepare(ref, poses),
+            lambda cond, x: animator.denoise(cond, x, steps=steps, context_frames=context_frames, progress=False),
+            decode_chunk)
     finally:
         animator.__dict__.pop("encode_poses", None)
     total = {k: peaks[k] + weights[k] for k in peaks}
     return dict(frames=frames, width=width, height=height, offload=offload, context_frames=context_frames,
                 decode_chunk=decode_chunk, weights=weights, allocated_peak=peaks, peak=total,
                 run_peak=max(total.values()), held_after_conditioning=held)
-
-
-def _count_phases(animator, counter, ref, poses, steps, context_frames, decode_chunk):
-    peaks = {}
-    cond = animator.prepare(ref, poses)
-    peaks["conditioning"] = counter.peak
-    held_after_conditioning = counter.current
-    counter.reset_peak()
-    latents = torch.empty(animator.latent_shape(cond), device="meta")
-    out = animator.denoise(cond, latents, steps=steps, context_frames=context_frames, progress=False)
-    del latents
-    peaks["denoising"] = counter.peak
-    counter.reset_peak()
-    vae, scale = animator.models.vae, animator.config.latent_scale
-    z = out[0].permute(1, 0, 2, 3)
-    for s in range(0, z.shape[0], decode_chunk):
-        x = vae.decode((z[s:s + decode_chunk] / scale).to(animator.vae_dtype)).sample
-        x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # then copied to the host
-        del x
-    peaks["decoding"] = counter.peak
-    return peaks, held_after_conditioning
 
 
 def count_moore_run(animator, frames: int, width: int, height: int, *, steps: int = 1,
@@ -197,38 +173,42 @@ def count_moore_run(animator, frames: int, width: int, height: int, *, steps: in
     repeated per frame, the VAE decoding one frame at a time. Our row-chunked feed-forward is
     switched off: Moore's runs whole. `animator` should hold fp16 models with an fp16 VAE (Moore
     runs everything in its weight_dtype)."""
-    import numpy as np
-    from PIL import Image
-
     from aa_trt.models import layers
 
     from .moore_baseline import moore_denoise, moore_prepare
 
-    rng = np.random.default_rng(seed)
-    ref = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    poses = np.zeros((frames, height, width, 3), np.uint8)
+    ref, poses, _ = video_inputs(frames, height, width, seed)
     weights = sum(module_bytes(mod) for mod in animator.models.components().values())
-    counter, peaks = AllocationCounter("meta"), {}
     chunk_elements, layers.FF_CHUNK_ELEMENTS = layers.FF_CHUNK_ELEMENTS, 1 << 62
     try:
-        with counting(counter):
-            cond = moore_prepare(animator, ref, poses, guidance)
-            peaks["conditioning"] = counter.peak
-            counter.reset_peak()
-            latents = torch.empty(animator.latent_shape(cond), device="meta")
-            out = moore_denoise(animator, cond, latents, steps, guidance, context_frames)
-            del latents
-            peaks["denoising"] = counter.peak
-            counter.reset_peak()
-            vae, scale = animator.models.vae, animator.config.latent_scale
-            z = out[0].permute(1, 0, 2, 3)
-            for s in range(z.shape[0]):
-                x = vae.decode((z[s:s + 1] / scale).to(animator.vae_dtype)).sample
-                x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-                del x
-            peaks["decoding"] = counter.peak
+        peaks, _ = _count_phases(
+            animator, lambda: moore_prepare(animator, ref, poses, guidance),
+            lambda cond, x: moore_denoise(animator, cond, x, steps, guidance, context_frames), 1)
     finally:
         layers.FF_CHUNK_ELEMENTS = chunk_elements
     total = {k: v + weights for k, v in peaks.items()}
     return dict(frames=frames, width=width, height=height, weights=weights, allocated_peak=peaks,
                 peak=total, run_peak=max(total.values()))
+
+
+def _count_phases(animator, prepare, denoise, decode_chunk: int) -> tuple[dict[str, int], int]:
+    """Allocated peak of conditioning (`prepare()`), denoising (`denoise(cond, latents)`) and
+    decoding (`decode_chunk` frames a VAE call), and what conditioning leaves held."""
+    counter, peaks = AllocationCounter("meta"), {}
+    with counting(counter):
+        cond = prepare()
+        peaks["conditioning"], held = counter.peak, counter.current
+        counter.reset_peak()
+        latents = torch.empty(animator.latent_shape(cond), device="meta")
+        out = denoise(cond, latents)
+        del latents
+        peaks["denoising"] = counter.peak
+        counter.reset_peak()
+        vae, scale = animator.models.vae, animator.config.latent_scale
+        z = out[0].permute(1, 0, 2, 3)
+        for s in range(0, z.shape[0], decode_chunk):
+            x = vae.decode((z[s:s + decode_chunk] / scale).to(animator.vae_dtype)).sample
+            x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # then copied to the host
+            del x
+        peaks["decoding"] = counter.peak
+    return peaks, held

@@ -85,8 +85,7 @@ RUNS = [(512, 768, 24, True), (512, 768, 96, True), (512, 768, 240, True), (512,
 
 
 def test_run_memory_against_length_and_size(sd15_meta, record):
-    runs = {r[:4]: count_run(sd15_meta, r[2], r[0], r[1], offload=r[3]) for r in
-            [(w, h, n, off) for w, h, n, off in RUNS]}
+    runs = {(w, h, n, off): count_run(sd15_meta, n, w, h, offload=off) for w, h, n, off in RUNS}
     m = sd15_meta.models
     weights = {name: module_bytes(mod) for name, mod in m.components().items()}
     for (w, h, n, off), r in runs.items():
