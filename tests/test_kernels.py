@@ -344,33 +344,6 @@ def test_temporal_attention_cuda_sd15_shapes(d, dtype):
     _temporal_case(d, dtype, positions, 24, 8, True, seed=d)
 
 
-def _cuda_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-@needs_cuda
-def test_kernels_not_slower_than_sdpa_cuda(backend):
-    """Reports the kernels' time against SDPA at a 512x768, 24-frame shape (cond rows only):
-    fails only if a kernel is more than 2x slower than the plain path."""
-    b, heads, d, n = 24, 8, 40, 64 * 96
-    q, k, v = (torch.randn(b, n, heads * d, device="cuda", dtype=F16) for _ in range(3))
-    kr, vr = (torch.randn(1, n, heads * d, device="cuda", dtype=F16) for _ in range(2))
-    times = {}
-    for name in ("sdpa", "triton"):
-        backend(name)
-        times[name] = _cuda_ms(lambda: attn_math.reference_attention(q, k, v, kr, vr, heads))
-    print(f"reference attention: triton {times['triton']:.2f} ms, sdpa (concat) {times['sdpa']:.2f} ms")
-    assert times["triton"] < 2 * times["sdpa"]
-
-
 @needs_cuda
 def test_denoising_step_kernels_equal_plain_cuda_fp16(backend):
     """The whole denoising UNet call (sd15 widths, 8 frames, 256x256, uncond + cond rows, reference

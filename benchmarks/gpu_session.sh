@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything here that needs a CUDA GPU, in one device call of about 8 minutes:
+#   1. the CUDA tests (Triton kernels on the GPU at SD1.5 shapes, the whole step with kernels
+#      against the plain path, --offload memory, CUDA graph against eager);
+#   2. the CUDA benchmarks (sd15 step against the Moore-style step in bf16 with MFU, CUDA graphs
+#      on/off, each kernel against SDPA / F.group_norm + F.silu).
+# Logs and the results JSON land in $OUT (the device tool's folder) or ./gpu_out.
+#
+# Usage, from a session that is lent a GPU:
+#   bash benchmarks/gpu_wheels.sh                                    # here: fetch diffusers' wheel
+#   device run, carry [".whl"], timeout_s 600: bash benchmarks/gpu_session.sh
+# Then copy $OUT's results JSON into benchmarks/results/ and commit it.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+
+{ nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"triton", triton.__version__, torch.cuda.get_device_name(0))'; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+    || { echo "pip install -e . failed:"; tail -20 "$OUT/install.log"; exit 1; }
+
+# 1. Correctness on the GPU first: a kernel that is wrong is not worth timing.
+timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_speed_options.py \
+    2>&1 | tee "$OUT/tests_cuda.log"
+tests_rc=${PIPESTATUS[0]}
+
+# 2. Timings (5 rounds per comparison), written as JSON with the card's name.
+timeout 320 python3 -m pytest -q -rs -p no:cacheprovider benchmarks/test_cuda.py benchmarks/test_kernels_bench.py \
+    --bench-rounds 5 --bench-results "$OUT" 2>&1 | tee "$OUT/bench_cuda.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "tests rc=$tests_rc, benchmarks rc=$bench_rc, $(( $(date +%s) - started )) s in all"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
