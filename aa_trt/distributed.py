@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .errors import AATrtError, InputError
 from .pipeline import Animator, Conditioning
 from .models.reference_kv import ReferenceKV
-from .sampling import context_windows, ddim_schedule, sample_ddim, window_counts
+from .sampling import WindowIndexCache, context_windows, ddim_schedule, sample_ddim, window_counts
 
 PARALLEL_MODES = ("auto", "window", "guidance", "both")
 TIMEOUT_ENV = "AA_TRT_DIST_TIMEOUT"  # seconds a collective may wait (default 1800)
@@ -273,6 +273,7 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
     row = all_b.index(plan.branches[0])  # this rank's rows: row .. row + len(plan.branches)
     idx, counts = window_counts(windows)
     mine = [idx[i] for i in plan.windows]
+    on_device = WindowIndexCache(mine, counts)
 
     def model(x: torch.Tensor, t: int) -> torch.Tensor:
         # x (1, c, N, h, w), identical on every rank -> guided prediction (1, c, N, h, w)
@@ -283,9 +284,10 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
         try:
             if check is not None:
                 check()
+            dev_mine, dev_counts = on_device(x)
             for s in range(0, len(mine), window_batch):
                 host = mine[s:s + window_batch]
-                group = [w.to(x.device) for w in host]
+                group = dev_mine[s:s + window_batch]
                 x_win = torch.cat([x[:, :, w] for w in group])
                 pred = unet_step(x_win, t, host, plan.branches)
                 pred = pred.view(len(plan.branches), len(group), *pred.shape[1:])
@@ -301,7 +303,7 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
             _comm(dist.all_reduce, buf)
         if buf[-1].item() > 0:
             agree(err)  # every rank is here: raises RankFailure everywhere
-        sums = sums / counts.to(x.device, x.dtype).view(1, 1, -1, 1, 1)
+        sums = sums / on_device(x)[1].view(1, 1, -1, 1, 1)
         if nb == 1:
             return sums[0:1]
         uncond, cond = sums[0:1], sums[1:2]

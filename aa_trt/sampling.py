@@ -156,6 +156,22 @@ def window_counts(windows: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor],
     return idx, counts
 
 
+class WindowIndexCache:
+    """The window indices (host int64 tensors) and per-frame window counts, copied to a device
+    once per (device, dtype) and kept: a copy from pageable host memory per window and step makes
+    the host wait for the GPU's queue to drain each time."""
+
+    def __init__(self, idx: Sequence[torch.Tensor], counts: torch.Tensor):
+        self.idx, self.counts = list(idx), counts
+        self._copies: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        key = (x.device, x.dtype)
+        if key not in self._copies:
+            self._copies[key] = ([w.to(x.device) for w in self.idx], self.counts.to(x.device, x.dtype))
+        return self._copies[key]
+
+
 def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], guidance: float,
                       window_batch: int = 1, on_windows: Callable[[int], None] | None = None) -> Callable:
     """A whole-video model from a per-window UNet step, Moore's aggregation:
@@ -171,13 +187,15 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
     """
     branches = ("uncond", "cond") if guidance > 1.0 else ("cond",)
     idx, counts = window_counts(windows)
+    on_device = WindowIndexCache(idx, counts)
 
     def model(x: torch.Tensor, t: int) -> torch.Tensor:
         # x (1, c, N, h, w) -> guided prediction (1, c, N, h, w)
         sums = torch.zeros((len(branches),) + x.shape[1:], dtype=x.dtype, device=x.device)
+        dev_idx, dev_counts = on_device(x)
         for s in range(0, len(idx), window_batch):
             host = idx[s:s + window_batch]
-            group = [w.to(x.device) for w in host]
+            group = dev_idx[s:s + window_batch]
             x_win = torch.cat([x[:, :, w] for w in group])
             pred = unet_step(x_win, t, host, branches)
             pred = pred.view(len(branches), len(group), *pred.shape[1:])
@@ -185,7 +203,7 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
                 sums.index_add_(2, w, pred[:, j])
             if on_windows is not None:
                 on_windows(len(group))
-        sums = sums / counts.to(x.device, x.dtype).view(1, 1, -1, 1, 1)
+        sums = sums / dev_counts.view(1, 1, -1, 1, 1)
         if len(branches) == 1:
             return sums[0:1]
         uncond, cond = sums[0:1], sums[1:2]

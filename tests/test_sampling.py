@@ -6,8 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from aa_trt.config import SchedulerConfig
-from aa_trt.sampling import (alphas_cumprod, ddim_schedule, ddim_step, sample_ddim, sliding_windows,
-                             uniform_windows, windowed_guidance)
+from aa_trt.sampling import (WindowIndexCache, alphas_cumprod, ddim_schedule, ddim_step, sample_ddim,
+                             sliding_windows, uniform_windows, window_counts, windowed_guidance)
 from helpers import FIXTURE, needs_fixture
 
 MOORE = SchedulerConfig()  # inference_v2: linear, v_prediction, zero-SNR, trailing
@@ -138,3 +138,18 @@ def test_windowed_guidance_averages_then_guides(guidance, window_batch):
     assert torch.allclose(got, want, atol=1e-6)
     assert all(c == (("cond",) if guidance <= 1 else ("uncond", "cond")) for c in calls)
     assert len(calls) == -(-len(windows) // window_batch)
+
+
+def test_window_index_cache_copies_once_per_device_and_dtype():
+    """The window indices and counts are converted once per (device, dtype) and then reused: the
+    same tensor objects come back, equal to the host ones (on CUDA this spares a blocking copy from
+    pageable memory per window and step)."""
+    idx, counts = window_counts(uniform_windows(30, 12, 4))
+    cache = WindowIndexCache(idx, counts)
+    x32, x64 = torch.randn(1, 2, 30, 3, 3), torch.randn(1, 2, 30, 3, 3, dtype=torch.float64)
+    dev_idx, dev_counts = cache(x32)
+    again_idx, again_counts = cache(x32.clone())
+    assert again_counts is dev_counts and all(a is b for a, b in zip(again_idx, dev_idx))
+    assert dev_counts.dtype == torch.float32 and torch.equal(dev_counts.double(), counts.double())
+    assert all(torch.equal(a, b) for a, b in zip(dev_idx, idx))
+    assert cache(x64)[1].dtype == torch.float64 and cache(x64)[1] is not dev_counts
