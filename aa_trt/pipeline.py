@@ -192,6 +192,24 @@ class Animator:
         # step: a recompile); CUDA graphs fill their own device scalar from the int.
         t_tensor = self.compile and not self.cuda_graph
         clip = cond.clip_embeds[:, None].to(self.dtype)  # (1, 1, D)
+        # Frame indices and timesteps as device tensors, made once and reused: on CUDA each copy
+        # from pageable host memory would make the host wait for the queued work to finish.
+        feats = cond.pose_features  # on the device, or on the host with `offload`
+        pose_index: dict[tuple[int, ...], torch.Tensor] = {}
+        timesteps: dict[int, torch.Tensor] = {}
+
+        def frames_of(win) -> torch.Tensor:
+            key = tuple(int(i) for i in win)
+            if key not in pose_index:
+                pose_index[key] = torch.as_tensor(key, device=feats.device)
+            return pose_index[key]
+
+        def timestep(t: int):
+            if not t_tensor:
+                return t
+            if t not in timesteps:
+                timesteps[t] = torch.tensor(t, device=self.device)
+            return timesteps[t]
 
         @torch.no_grad()
         def step(x_win: torch.Tensor, t: int, windows, branches) -> torch.Tensor:
@@ -200,17 +218,14 @@ class Animator:
             k, c, f, h, w = x_win.shape
             nb = len(branches)
             x = x_win.permute(0, 2, 1, 3, 4).reshape(k * f, c, h, w).to(self.dtype)
-            feats = cond.pose_features  # on the device, or on the host with `offload`
-            pose = torch.cat([feats[torch.as_tensor(win, device=feats.device)]
-                              for win in windows]).to(self.device, non_blocking=True)
+            pose = torch.cat([feats[frames_of(win)] for win in windows]).to(self.device, non_blocking=True)
             if nb > 1:
                 x, pose = x.repeat(nb, 1, 1, 1), pose.repeat(nb, 1, 1, 1)
             ctx = torch.cat([clip if b == "cond" else torch.zeros_like(clip)
                              for b in branches for _ in range(k)])
             use_ref = [b == "cond" for b in branches for _ in range(k)]
             state = ReferenceState(kv=cond.reference_kv.pairs, runs=ReferenceState.row_runs(use_ref, f))
-            out = call(x, torch.tensor(t, device=self.device) if t_tensor else t, ctx, frames=f,
-                       pose=pose, ref=state)
+            out = call(x, timestep(t), ctx, frames=f, pose=pose, ref=state)
             return out.view(nb * k, f, c, h, w).permute(0, 2, 1, 3, 4).float()
 
         return step
