@@ -410,21 +410,28 @@ def test_resnet_block_through_group_norm_kernel_equals_plain(backend, monkeypatc
         "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]
 
 
-def test_tiny_unet_through_kernels_equals_plain(backend, monkeypatch):
+# Whole-call tolerance: fp32 max |diff| < 1e-4; half precision relative L2 error (both paths round
+# every layer's output, so elementwise bounds would be set by the worst of thousands of roundings).
+UNET_REL_L2 = {F16: 1e-2, BF16: 4e-2}
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_tiny_unet_through_kernels_equals_plain(backend, monkeypatch, dtype):
     """The tiny preset's denoising UNet (resnets, conv_norm_out, motion modules; uncond + cond
-    rows with the reference K/V), backend 'triton' against 'sdpa', fp32: < 1e-4."""
+    rows with the reference K/V), backend 'triton' against 'sdpa' in the same dtype: fp32 max
+    |diff| < 1e-4; fp16 / bf16 relative L2 < 1e-2 / 4e-2 (on CPU the kernels run interpreted)."""
     from helpers import randomize_
 
     from aa_trt.config import PRESETS
     from aa_trt.models import UNet
     from aa_trt.models.layers import ReferenceState
     cfg, f = PRESETS["tiny"], 2
-    den = randomize_(UNet(cfg.unet, cfg.motion), 0).to(DEVICE).eval()
+    den = randomize_(UNet(cfg.unet, cfg.motion), 0).to(DEVICE, dtype).eval()
     g = torch.Generator().manual_seed(6)
-    x = _rand(2 * f, 4, 8, 8, dtype=F32, g=g)
-    ctx = _rand(2 * f, 1, cfg.unet.cross_attention_dim, dtype=F32, g=g)
+    x = _rand(2 * f, 4, 8, 8, dtype=dtype, g=g)
+    ctx = _rand(2 * f, 1, cfg.unet.cross_attention_dim, dtype=dtype, g=g)
     widths = [blk.attn1.to_k.out_features for blk in den.transformer_blocks()]
-    kv = [(_rand(1, 10, c, dtype=F32, g=g), _rand(1, 10, c, dtype=F32, g=g)) for c in widths]
+    kv = [(_rand(1, 10, c, dtype=dtype, g=g), _rand(1, 10, c, dtype=dtype, g=g)) for c in widths]
     state = ReferenceState(kv=kv, runs=ReferenceState.row_runs([False, True], f))
     launches = _count_group_norm_launches(monkeypatch)
     outs = {}
@@ -434,7 +441,14 @@ def test_tiny_unet_through_kernels_equals_plain(backend, monkeypatch):
             outs[name] = den(x, 500, ctx, frames=f, ref=state)
     n_resnets = sum(1 for m in den.modules() if type(m).__name__ == "ResnetBlock")
     assert len(launches) == 2 * n_resnets + 1  # + conv_norm_out
-    assert (outs["triton"] - outs["sdpa"]).abs().max().item() < 1e-4
+    got, want = outs["triton"].float(), outs["sdpa"].float()
+    assert torch.isfinite(got).all() and want.abs().mean() > 0.05
+    if dtype == F32:
+        assert (got - want).abs().max().item() < 1e-4
+    else:
+        rel = ((got - want).norm() / want.norm()).item()
+        print(f"{dtype}: relative L2 {rel:.2e}")
+        assert rel < UNET_REL_L2[dtype], rel
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU path")
