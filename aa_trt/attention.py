@@ -9,7 +9,8 @@ activation) is dispatched here too, by the same backend rule.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import warnings
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 # forward-only and opaque to tracers).
 BACKENDS = ("auto", "sdpa", "triton")
 _backend = "auto"
+# Kernels that failed to compile or launch under "auto" ("reference", "temporal", "group_norm" ->
+# the error): switched off for the rest of the process, so a GPU or Triton version the kernels were
+# never built on costs one warning, not the run. Explicit "triton" raises instead.
+_failed: dict[str, str] = {}
 TEMPORAL_MAX_FRAMES = 32  # sequences this short go to the temporal kernel
 
 
@@ -52,11 +57,40 @@ def _kernels():
     return ref_kernel, temporal_kernel, gn_kernel
 
 
-def _backend_allows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+def _run_kernel(name: str, fn: Callable, *args):
+    """fn(*args), the Triton kernel `name`; None where it failed under "auto" (the caller then
+    takes the plain path, and so does every later call). Running out of GPU memory still raises."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- triton's compile/launch errors have no common base
+        if _backend != "auto":
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        _failed[name] = f"{type(e).__name__}: {first_line}"
+        warnings.warn(f"aa-trt: the Triton {name} kernel failed on this GPU ({_failed[name]}); "
+                      f"the plain PyTorch path runs it for the rest of this process",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def failed_kernels() -> dict[str, str]:
+    """The kernels switched off after failing under "auto", with their errors."""
+    return dict(_failed)
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _backend_allows(x: torch.Tensor, *tensors: torch.Tensor | None, kernel: str = "") -> bool:
     """The rule every kernel obeys, before its own shape checks: whether the backend lets a kernel
     run on x (and the other operands, which only matter for autograd)."""
-    if _backend == "sdpa" or (_backend == "auto" and not x.is_cuda):
+    if _backend == "sdpa" or (_backend == "auto" and not _on_gpu(x)):
         return False  # the CPU path stays exactly the plain code
+    if _backend == "auto" and kernel in _failed:
+        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
@@ -72,16 +106,16 @@ def _backend_allows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def _use_kernels(q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> bool:
+def _use_kernels(kernel: str, q: torch.Tensor, heads: int, *tensors: torch.Tensor | None) -> bool:
     d = q.shape[-1] // heads
-    return (_backend_allows(q, *tensors) and 16 <= d <= 256
+    return (_backend_allows(q, *tensors, kernel=kernel) and 16 <= d <= 256
             and all(t.stride(-1) == 1 for t in (q, *tensors) if t is not None))
 
 
 def kernels_for(x: torch.Tensor, heads: int) -> bool:
     """Whether temporal attention on tokens like x (positions, f, c) runs the Triton kernel: the
     motion modules then fold their positional encoding into per-frame biases (see below)."""
-    return x.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels(x, heads)
+    return x.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels("temporal", x, heads)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -98,8 +132,10 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v.  q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
-    if q.shape[1] == k.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels(q, heads, k, v):
-        return _kernels()[1].temporal_attention(q, k, v, heads)  # short sequences: motion modules
+    if q.shape[1] == k.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels("temporal", q, heads, k, v):
+        out = _run_kernel("temporal", _kernels()[1].temporal_attention, q, k, v, heads)
+        if out is not None:  # short sequences: motion modules
+            return out
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
                                          split_heads(v, heads))
     return merge_heads(out)
@@ -122,10 +158,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     use_reference: optional (b,) flags; rows with a false flag (the uncond branch) attend to their
     own tokens only, as `attention(q, k, v)` would. None: every row uses the reference.
     """
-    if _use_kernels(q, heads, k, v, k_ref, v_ref):
-        if use_reference is not None and not isinstance(use_reference, torch.Tensor):
-            use_reference = _flags_on(tuple(bool(u) for u in use_reference), q.device)
-        return _kernels()[0].reference_attention(q, k, v, k_ref, v_ref, heads, use_reference)
+    if _use_kernels("reference", q, heads, k, v, k_ref, v_ref):
+        flags = use_reference
+        if flags is not None and not isinstance(flags, torch.Tensor):
+            flags = _flags_on(tuple(bool(u) for u in flags), q.device)
+        out = _run_kernel("reference", _kernels()[0].reference_attention,
+                          q, k, v, k_ref, v_ref, heads, flags)
+        if out is not None:
+            return out
     if use_reference is not None:
         flags = [bool(u) for u in (use_reference.tolist() if isinstance(use_reference, torch.Tensor)
                                    else use_reference)]
@@ -156,8 +196,12 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     the activations disappears. Without biases this is `attention(q, k, v, heads)`.
     """
     f = q.shape[1]
-    if f <= TEMPORAL_MAX_FRAMES and _use_kernels(q, heads, k, v, bias_q, bias_k, bias_v):
-        return _kernels()[1].temporal_attention(q, k, v, heads, bias_q, bias_k, bias_v)
+    if f <= TEMPORAL_MAX_FRAMES and _use_kernels("temporal", q, heads, k, v,
+                                                 bias_q, bias_k, bias_v):
+        out = _run_kernel("temporal", _kernels()[1].temporal_attention,
+                          q, k, v, heads, bias_q, bias_k, bias_v)
+        if out is not None:
+            return out
     if bias_q is not None:
         q, k, v = q + bias_q[:f].to(q.dtype), k + bias_k[:f].to(k.dtype), v + bias_v[:f].to(v.dtype)
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
@@ -169,7 +213,10 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
                     bias: torch.Tensor | None, eps: float, silu: bool = True) -> torch.Tensor:
     """silu(group_norm(x)) (plain group_norm when not `silu`), x (N, C, *spatial): the fused Triton
     kernel where the backend allows kernels and x is contiguous, F.group_norm + F.silu otherwise."""
-    if x.dim() >= 2 and x.is_contiguous() and _backend_allows(x, weight, bias):
-        return _kernels()[2].group_norm_silu(x, num_groups, weight, bias, eps, silu)
+    if x.dim() >= 2 and x.is_contiguous() and _backend_allows(x, weight, bias, kernel="group_norm"):
+        out = _run_kernel("group_norm", _kernels()[2].group_norm_silu,
+                          x, num_groups, weight, bias, eps, silu)
+        if out is not None:
+            return out
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y

@@ -277,6 +277,49 @@ def test_auto_backend_leaves_cpu_untouched(backend, monkeypatch):
     assert not calls
 
 
+def test_auto_backend_survives_a_kernel_that_fails_to_compile(backend, monkeypatch):
+    """Under "auto" on a GPU (simulated: `_on_gpu` patched; fp16 CPU tensors), a kernel that raises
+    (a Triton compile or launch error) is switched off with one RuntimeWarning and the plain path
+    gives the answer, now and on later calls, without calling the kernel again; the other kernels
+    stay on. Explicit "triton" raises the error instead."""
+    monkeypatch.setattr(attn_math, "_failed", {})
+    monkeypatch.setattr(attn_math, "_on_gpu", lambda x: True)
+    calls = {"reference": 0, "temporal": 0}
+
+    def broken(*a, **k):
+        calls["reference"] += 1
+        raise RuntimeError("PTX assembly failed: too many resources requested\n(long log)")
+
+    def counted(*a, **k):
+        calls["temporal"] += 1
+        return ta.temporal_attention_torch(*a, **k).to(a[0].dtype)
+
+    monkeypatch.setattr(ra, "reference_attention", broken)
+    monkeypatch.setattr(ta, "temporal_attention", counted)
+    g = torch.Generator().manual_seed(3)
+    # 40 tokens: more than the temporal kernel takes, so the plain path is SDPA throughout
+    q, k, v = (torch.randn(2, 40, 80, generator=g).half() for _ in range(3))
+    kr, vr = (torch.randn(1, 8, 80, generator=g).half() for _ in range(2))
+    backend("sdpa")
+    want = attn_math.reference_attention(q, k, v, kr, vr, 2, [True, False])
+    backend("auto")
+    with pytest.warns(RuntimeWarning, match="reference kernel failed.*PTX assembly failed"):
+        got = attn_math.reference_attention(q, k, v, kr, vr, 2, [True, False])
+    assert torch.equal(got, want)
+    assert set(attn_math.failed_kernels()) == {"reference"}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(attn_math.reference_attention(q, k, v, kr, vr, 2, [True, False]), want)
+    assert calls["reference"] == 1
+    short = q[:, :16]
+    attn_math.attention(short, short, short, 2)  # 16 frames: the temporal kernel, still on
+    assert calls["temporal"] == 1
+    backend("triton")
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        attn_math.reference_attention(q, k, v, kr, vr, 2, [True, False])
+
+
 def test_use_reference_flags_in_the_plain_path(backend):
     backend("sdpa")
     g = torch.Generator().manual_seed(2)
