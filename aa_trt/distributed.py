@@ -303,7 +303,7 @@ def parallel_windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[i
             _comm(dist.all_reduce, buf)
         if buf[-1].item() > 0:
             agree(err)  # every rank is here: raises RankFailure everywhere
-        sums = sums / on_device(x)[1].view(1, 1, -1, 1, 1)
+        sums = sums / dev_counts.view(1, 1, -1, 1, 1)
         if nb == 1:
             return sums[0:1]
         uncond, cond = sums[0:1], sums[1:2]

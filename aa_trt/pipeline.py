@@ -199,7 +199,9 @@ class Animator:
         timesteps: dict[int, torch.Tensor] = {}
 
         def frames_of(win) -> torch.Tensor:
-            key = tuple(int(i) for i in win)
+            if feats.device.type == "cpu":  # host features (CPU run or offload): host indices
+                return torch.as_tensor(win)
+            key = tuple(torch.as_tensor(win).tolist())
             if key not in pose_index:
                 pose_index[key] = torch.as_tensor(key, device=feats.device)
             return pose_index[key]
