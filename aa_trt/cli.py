@@ -144,6 +144,10 @@ def _train(args) -> int:
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
+    if args.decoder_only:
+        from .errors import InputError
+
+        raise InputError(f"--decoder-only belongs to stage 0 (the VAE), not --stage {args.stage}")
     from .training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
@@ -351,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default 1000)")
     t.add_argument("--batch", type=int, default=4, help="samples per process and step (default 4)")
     t.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default 1e-5, Moore's; stage 0: 5e-4)")
-    t.add_argument("--crop", type=int, default=None, help="stage 0: VAE training crop in pixels (default 64)")
+                   help="AdamW learning rate (default 1e-5, Moore's; stage 0: 1e-3)")
+    t.add_argument("--crop", type=int, default=None, help="stage 0: VAE training crop in pixels (default 32)")
+    t.add_argument("--decoder-only", action="store_true", default=None,
+                   help="stage 0 with --init: fine-tune the VAE decoder alone (latents, latent_scale and "
+                   "the UNets stay valid)")
     t.add_argument("--frames", type=int, default=None, help="clip length (stage 2; default 16)")
     t.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
     t.add_argument("--size", type=int, default=None, help="train at SxS (default: the data's size)")
@@ -366,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay", choices=("constant", "cosine"), default=None,
                    help="after warm-up: constant LR (default) or cosine down to --lr-floor x LR at --steps")
     t.add_argument("--lr-floor", type=float, default=None, help="cosine decay's final LR fraction (default 0.1)")
+    t.add_argument("--decay-steps", type=int, default=None, metavar="N",
+                   help="with cosine: hold the LR, then decay over the last N steps only (default: all)")
     t.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
                    help="mixed precision (CUDA only; default no)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

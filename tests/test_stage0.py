@@ -1,14 +1,17 @@
 """Stage 0: the small VAE and CLIP a shippable preset trains for itself."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from aa_trt.checkpoint import build_models, load_checkpoint, read_config
+from aa_trt.checkpoint import build_models, load_checkpoint, read_config, read_metadata
 from aa_trt.cli import main
 from aa_trt.config import preset
-from aa_trt.training.autoencoder import Stage0Options, clip_loss, random_crops, train_stage0, vae_loss
+from aa_trt.training.autoencoder import (Stage0Options, clip_loss, decoder_loss, decoder_parameters, random_crops,
+                                        train_stage0, vae_loss)
 from aa_trt.training.data import VideoSet, clip_pixels, sample_batch, to_unit
 from aa_trt.training.synthetic import synthesize
 
@@ -107,3 +110,57 @@ def test_small_preset_latents_and_pose_features_line_up():
     # So is a UNet that does not denoise the VAE's latent channels.
     with pytest.raises(ValueError, match="latents have 16"):
         cfg.replace(unet=preset("tiny").unet)
+
+
+def test_decoder_loss_falls_on_a_fixed_batch_and_leaves_the_encoder_alone(data):
+    torch.manual_seed(0)
+    vae = build_models(preset("tiny"), components=("vae",)).vae
+    rng = np.random.default_rng(1)
+    px = sample_batch(VideoSet(data), rng, 4)
+    x = to_unit(random_crops(px.frames[:, 0], 32, rng)) * 2 - 1
+    params = decoder_parameters(vae)
+    opt = torch.optim.Adam(params, lr=2e-3)
+    encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    losses = []
+    for _ in range(8):
+        loss, _ = decoder_loss(vae, x, torch.Generator().manual_seed(0))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.9 * losses[0]
+    # No gradient reaches the encoder: the latent space the UNets were trained on cannot move.
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items())
+
+
+def test_decoder_only_finetune_changes_the_decoder_and_nothing_else(data, tmp_path, capsys):
+    first = tmp_path / "s0"
+    assert main(["train", "--stage", "0", "--preset", "tiny", "--data", str(data), "--out", str(first),
+                 "--steps", "1", "--batch", "2", "--crop", "32", "--quiet"]) == 0
+    init = first / "model.safetensors"
+    out = tmp_path / "dec"
+    rc = main(["train", "--stage", "0", "--init", str(init), "--decoder-only", "--data", str(data),
+               "--out", str(out), "--steps", "3", "--batch", "2", "--crop", "32", "--lr", "1e-3", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    before, after = load_checkpoint(init), load_checkpoint(out / "model.safetensors")
+    changed = {c for c, m in after.components().items()
+               for k, v in m.state_dict().items() if not torch.equal(v, before.components()[c].state_dict()[k])}
+    assert changed == {"vae"}
+    vb, va = before.vae.state_dict(), after.vae.state_dict()
+    moved = {k.split(".")[0] for k in va if not torch.equal(va[k], vb[k])}
+    assert "decoder" in moved and moved <= {"decoder", "post_quant_conv"}  # nothing before the latent
+    assert read_config(out / "model.safetensors").latent_scale == read_config(init).latent_scale
+    prov = json.loads(read_metadata(out / "model.safetensors")["provenance"])
+    assert prov["stage"] == 0 and prov["decoder_finetune"]["options"]["decoder_only"] is True
+    assert "clip" not in (out / "log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--stage", "0", "--preset", "tiny", "--decoder-only"], "give --init"),
+    (["--stage", "1", "--preset", "tiny", "--decoder-only"], "belongs to stage 0"),
+])
+def test_decoder_only_refuses_what_it_cannot_do(data, tmp_path, capsys, argv, needle):
+    rc = main(["train", *argv, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and needle in err and "Traceback" not in err

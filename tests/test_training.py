@@ -265,3 +265,21 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert f[54] == pytest.approx(0.6, abs=0.02) and f[99] == pytest.approx(0.2)
     with pytest.raises(Exception, match="lr-decay"):
         TrainOptions(stage=1, data="d", out="o", preset="tiny", lr_decay="linear")
+
+
+def test_lr_schedule_holds_then_decays_over_the_last_decay_steps():
+    from aa_trt.training.loop import TrainOptions, lr_factor
+
+    wsd = TrainOptions(stage=1, data="d", out="o", preset="tiny", steps=100, warmup=10,
+                       lr_decay="cosine", lr_floor=0.1, decay_steps=40)
+    f = [lr_factor(wsd, s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and all(v == 1.0 for v in f[9:60])  # warm-up, then hold
+    assert all(a > b for a, b in zip(f[60:], f[61:]))  # strictly down over the last 40
+    assert f[79] == pytest.approx(0.55, abs=0.02) and f[99] == pytest.approx(0.1)
+    # A decay longer than the run after warm-up is the plain cosine.
+    full = TrainOptions(stage=1, data="d", out="o", preset="tiny", steps=100, warmup=10, lr_decay="cosine")
+    assert [lr_factor(full, s) for s in range(100)] == [
+        lr_factor(TrainOptions(stage=1, data="d", out="o", preset="tiny", steps=100, warmup=10,
+                               lr_decay="cosine", decay_steps=500), s) for s in range(100)]
+    with pytest.raises(Exception, match="decay-steps"):
+        TrainOptions(stage=1, data="d", out="o", preset="tiny", decay_steps=10)

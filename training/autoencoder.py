@@ -16,6 +16,12 @@ was measured the same way for its VAE), and the checkpoint is written with every
 UNets and PoseGuider still at their initialisation (zero-initialised PoseGuider output and
 motion-module projections, ReferenceNet a copy of the denoising UNet's spatial weights, as stage 1
 starts from), ready for `aa-trt train --stage 1 --init`.
+
+`--decoder-only` fine-tunes the VAE's decoder alone, on the frozen encoder's latents (SD's ft-MSE
+decoder was made the same way). The latent space does not move, so `latent_scale` and every
+network trained on the latents (UNets, PoseGuider) stay valid: it sharpens a finished model's
+pixels without another stage 1. The checkpoint keeps the init's provenance and records the
+fine-tune under `decoder_finetune`.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aa_trt.checkpoint import build_models, load_checkpoint, save_models
+from aa_trt.checkpoint import build_models, load_checkpoint, read_metadata, save_models
 from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError
 
@@ -53,10 +59,13 @@ class Stage0Options:
     size: int | None = None
     log_every: int = 10
     scale_samples: int = 256      # frames used to measure latent_scale
+    decoder_only: bool = False    # train the VAE decoder alone on the frozen encoder's latents
 
     def __post_init__(self):
         if (self.preset is None) == (self.init is None):
             raise InputError("stage 0: give exactly one of --preset NAME (from scratch) and --init CKPT (continue)")
+        if self.decoder_only and not self.init:
+            raise InputError("--decoder-only fine-tunes a trained VAE's decoder: give --init CKPT")
         if self.batch < 2:
             raise InputError("--batch must be at least 2 (the CLIP loss contrasts the batch's videos)")
 
@@ -83,6 +92,23 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tu
     mse = F.mse_loss(rec, x)
     kl = 0.5 * (d.mean.pow(2) + d.var - 1.0 - d.logvar).sum(dim=(1, 2, 3)).mean()
     return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def decoder_loss(vae, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """x (B, 3, h, w) in [-1, 1] -> L1 + MSE of the decoder on the frozen encoder's posterior sample.
+    No KL term: the encoder, and with it the latent distribution, does not change."""
+    with torch.no_grad():
+        d = vae.encode(x).latent_dist
+        z = d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
+    rec = vae.decode(z).sample
+    l1 = (rec - x).abs().mean()
+    mse = F.mse_loss(rec, x)
+    return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+
+def decoder_parameters(vae) -> list[torch.nn.Parameter]:
+    """What --decoder-only trains: everything after the latent (post_quant_conv and the decoder)."""
+    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
 
 
 def clip_loss(image_encoder, a: torch.Tensor, b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
@@ -141,9 +167,15 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
         # drowns the encoder's mean (std ~0.2) and the decoder first learns to ignore the latent.
         with torch.no_grad():
             vae.quant_conv.bias[cfg.vae.get("latent_channels", 4):] = -4.0
-    vae.requires_grad_(True).train()
-    enc.requires_grad_(True).train()
-    params = list(vae.parameters()) + list(enc.parameters())
+    if opts.decoder_only:
+        params = decoder_parameters(vae)
+        for p in params:
+            p.requires_grad_(True)
+        vae.decoder.train()
+    else:
+        vae.requires_grad_(True).train()
+        enc.requires_grad_(True).train()
+        params = list(vae.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     warm = max(1, opts.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -162,17 +194,24 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
             px = sample_batch(videos, rng, opts.batch)  # ref and frames[:, 0]: two frames of one video
             crops = random_crops(np.concatenate([px.ref, px.frames[:, 0]]), opts.crop, rng)
             x = to_unit(crops) * 2 - 1
-            lv, parts = vae_loss(vae, x, opts.kl_weight, gen)
-            lc, top1 = clip_loss(enc, clip_pixels(px.ref, clip_size), clip_pixels(px.frames[:, 0], clip_size),
-                                 opts.temperature)
             opt.zero_grad(set_to_none=True)
-            (lv + lc).backward()
-            # Clipped apart: the contrastive loss's gradients would otherwise set the VAE's scale.
-            torch.nn.utils.clip_grad_norm_(list(vae.parameters()), 1.0)
-            torch.nn.utils.clip_grad_norm_(list(enc.parameters()), 1.0)
+            if opts.decoder_only:
+                lv, parts = decoder_loss(vae, x, gen)
+                lv.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                extra = {}
+            else:
+                lv, parts = vae_loss(vae, x, opts.kl_weight, gen)
+                lc, top1 = clip_loss(enc, clip_pixels(px.ref, clip_size), clip_pixels(px.frames[:, 0], clip_size),
+                                     opts.temperature)
+                (lv + lc).backward()
+                # Clipped apart: the contrastive loss's gradients would otherwise set the VAE's scale.
+                torch.nn.utils.clip_grad_norm_(list(vae.parameters()), 1.0)
+                torch.nn.utils.clip_grad_norm_(list(enc.parameters()), 1.0)
+                extra = {"clip": lc.item(), "clip_top1": top1}
             opt.step()
             sched.step()
-            acc.append({**parts, "vae": lv.item(), "clip": lc.item(), "clip_top1": top1})
+            acc.append({**parts, "vae": lv.item(), **extra})
             if step % opts.log_every == 0 or step == opts.steps:
                 rec = {k: round(float(np.mean([a[k] for a in acc])), 6) for k in acc[0]}
                 rec.update(step=step, lr=sched.get_last_lr()[0],
@@ -180,16 +219,22 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if progress:
+                    clip = f"clip {rec['clip']:.3f} top1 {rec['clip_top1']:.2f} " if "clip" in rec else ""
                     print(f"stage 0 step {step}/{opts.steps} vae {rec['vae']:.4f} (l1 {rec['l1']:.4f}) "
-                          f"clip {rec['clip']:.3f} top1 {rec['clip_top1']:.2f} {rec['s_per_step']:.2f} s/step",
-                          flush=True)
+                          f"{clip}{rec['s_per_step']:.2f} s/step", flush=True)
                 t_last, acc = time.perf_counter(), []
     finally:
         log.close()
     vae.eval().requires_grad_(False)
     enc.eval().requires_grad_(False)
+    options = {k: getattr(opts, k) for k in opts.__dataclass_fields__}
+    if opts.decoder_only:
+        # Same encoder, same latents: latent_scale and the rest of the model stay as they were.
+        prov = json.loads(read_metadata(opts.init).get("provenance") or "{}")
+        prov["decoder_finetune"] = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps,
+                                    "options": options}
+        return save_models(out / MODEL_FILE, models, provenance=prov)
     scale = measure_latent_scale(vae, videos, opts.scale_samples, opts.seed)
     models.config = cfg.replace(latent_scale=round(scale, 6))
-    prov = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps,
-            "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}}
+    prov = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps, "options": options}
     return save_models(out / MODEL_FILE, models, provenance=prov)

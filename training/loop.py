@@ -39,14 +39,17 @@ STATE_VERSION = 1
 
 
 def lr_factor(opts: "TrainOptions", step: int) -> float:
-    """The LR multiplier after `step` optimiser steps: linear warm-up, then constant or cosine."""
+    """The LR multiplier after `step` optimiser steps: linear warm-up, then constant or cosine
+    (over everything after the warm-up, or with `decay_steps` only over the last that many steps:
+    warm-up, hold, decay)."""
     warm = max(1, opts.warmup)
     if step + 1 < warm:
         return (step + 1) / warm
     if opts.lr_decay == "constant":
         return 1.0
-    span = max(1, opts.steps - warm)
-    progress = min(1.0, max(0, step + 1 - warm) / span)
+    start = max(warm, opts.steps - opts.decay_steps) if opts.decay_steps else warm
+    span = max(1, opts.steps - start)
+    progress = min(1.0, max(0, step + 1 - start) / span)
     return opts.lr_floor + (1 - opts.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -74,6 +77,10 @@ class TrainOptions:
     # stop at a known step ends on small, averaged-out updates instead of full-size noisy ones).
     lr_decay: str = "constant"
     lr_floor: float = 0.1
+    # With cosine: hold the peak LR and decay only over the last `decay_steps` (0 = all of it).
+    # The metrics of the default model rose while the LR was high and stopped as it decayed;
+    # holding it keeps the steps productive, and a resume with a new --steps moves the decay.
+    decay_steps: int = 0
     precision: str = "no"            # "bf16" / "fp16": autocast on CUDA
     grad_checkpointing: bool = False
     save_every: int = 500
@@ -93,6 +100,8 @@ class TrainOptions:
             raise InputError("stage 1 trains on single frames (--frames 1)")
         if self.lr_decay not in ("constant", "cosine"):
             raise InputError(f"--lr-decay {self.lr_decay!r}: expected constant or cosine")
+        if self.decay_steps < 0 or (self.decay_steps and self.lr_decay != "cosine"):
+            raise InputError("--decay-steps needs --lr-decay cosine and a count >= 0")
         if self.precision not in ("no", "bf16", "fp16"):
             raise InputError(f"--precision {self.precision!r}: expected no, bf16 or fp16")
         if not 0 <= self.uncond_ratio <= 1:
