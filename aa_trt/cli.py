@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(r)
     r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
     r.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the paper)")
-    r.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    r.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's; 3.5 for Moore's)")
     r.add_argument("--context-frames", type=int, default=24, help="frames per context window (default 24, at most 32)")
     r.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows (default 4)")
     r.add_argument("--context-schedule", choices=("uniform", "sliding"), default="uniform",
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per split (default all)")
     e.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
     e.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    e.add_argument("--guidance", type=float, default=3.5, help="CFG scale (default 3.5)")
+    e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's; 3.5 for Moore's)")
     e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model only")

@@ -164,6 +164,9 @@ class ModelConfig:
     bank_dtype: str = "float16"
     # Output size used when the caller gives none (pixels; multiples of 8).
     default_size: tuple[int, int] = (512, 768)  # (width, height)
+    # CFG scale used when the caller gives none. 3.5 is Moore's inference setting for its SD-sized
+    # model; a model trained here may declare its own (how it was chosen: its provenance/docs).
+    guidance: float = 3.5
 
     def __post_init__(self):
         pg = self.pose_guider
@@ -211,6 +214,7 @@ class ModelConfig:
             latent_scale=d.get("latent_scale", 0.18215),
             bank_dtype=d.get("bank_dtype", "float16"),
             default_size=tuple(d.get("default_size", (512, 768))),
+            guidance=float(d.get("guidance", 3.5)),
         )
 
     def replace(self, **kw) -> "ModelConfig":

@@ -298,14 +298,17 @@ class Animator:
         return frames
 
     # ------------------------------------------------------------------ all together
-    def __call__(self, ref_image: Image.Image, poses: np.ndarray, steps: int = 20, guidance: float = 3.5,
+    def __call__(self, ref_image: Image.Image, poses: np.ndarray, steps: int = 20, guidance: float | None = None,
                  context_frames: int = 24, context_overlap: int = 4, seed: int | None = None,
                  latents: torch.Tensor | None = None, output: str = "np", *, width: int | None = None,
                  height: int | None = None, context_schedule: str = "uniform", window_batch: int = 1,
                  decode_chunk: int | None = None, progress: bool = True, callback=None):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
         size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
-        output="latent" the final latents (1, c, N, H/f, W/f)."""
+        output="latent" the final latents (1, c, N, H/f, W/f). guidance None: the checkpoint's
+        declared scale (`config.guidance`; 3.5 for Moore's)."""
+        if guidance is None:
+            guidance = self.config.guidance
         if output not in ("np", "latent"):
             raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
         cond = self.prepare(ref_image, poses, width, height)

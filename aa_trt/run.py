@@ -33,7 +33,7 @@ class RunOptions:
     start: int = 0
     seed: int | None = None
     steps: int = 20
-    guidance: float = 3.5
+    guidance: float | None = None  # None: the checkpoint's own (config.guidance)
     context_frames: int = 24
     context_overlap: int = 4
     context_schedule: str = "uniform"
@@ -186,6 +186,7 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
         video = (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration)
     return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
+            "guidance": config.guidance if opts.guidance is None else opts.guidance,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}

@@ -90,3 +90,13 @@ def test_bad_latents_and_window(anim):
         anim(ref, poses, steps=1, latents=torch.randn(1, 4, 3, 4, 6), progress=False)
     with pytest.raises(InputError, match="maximum window"):
         anim(ref, poses, steps=1, context_frames=33, progress=False)
+
+
+def test_guidance_defaults_to_the_checkpoints_declared_scale(anim, monkeypatch):
+    ref, poses = _inputs(n=4)
+    kw = dict(steps=2, context_frames=4, context_overlap=1, seed=3, progress=False)
+    assert anim.config.guidance == 3.5  # a checkpoint that declares nothing: Moore's setting
+    at_2 = anim(ref, poses, guidance=2.0, **kw)
+    assert not np.array_equal(at_2, anim(ref, poses, **kw))  # the default is 3.5, not 2.0
+    monkeypatch.setattr(anim, "config", anim.config.replace(guidance=2.0))
+    assert np.array_equal(anim(ref, poses, **kw), at_2)

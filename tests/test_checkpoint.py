@@ -79,7 +79,7 @@ def test_round_trip_config_and_metadata(saved):
 
 
 def test_round_trip_non_default_config(tiny_models, tmp_path):
-    cfg = TINY.replace(name="custom", default_size=(96, 80), bank_dtype="float32", latent_scale=0.2,
+    cfg = TINY.replace(name="custom", default_size=(96, 80), bank_dtype="float32", latent_scale=0.2, guidance=1.5,
                        scheduler=SchedulerConfig(beta_schedule="scaled_linear", steps_offset=0))
     path = save_checkpoint(tmp_path / "c.safetensors", cfg,
                            {c: m.state_dict() for c, m in tiny_models.components().items()})

@@ -32,6 +32,7 @@ def test_end_to_end_mp4(files, tmp_path, capsys):
     assert _run(files, out, "--seed", "3") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"frames": 12' in line and '"seed": 3' in line
+    assert '"guidance": 3.5' in line  # the tiny checkpoint declares none: Moore's scale
     info = probe(out)
     # 48x64 reference, tiny preset short side 64 -> 64 wide... the short side is the width here
     assert (info["frames"], info["fps"], info["width"], info["height"]) == (12, 10.0, 64, 88)

@@ -33,7 +33,7 @@ class EvalOptions:
     videos: int | None = None     # per split (default: all)
     frames: int = 24              # targets per video (one context window by default)
     steps: int = 20
-    guidance: float = 3.5
+    guidance: float | None = None  # None: the checkpoint's own (config.guidance)
     seed: int = 0
     device: str = "cpu"
     baselines: bool = True
@@ -67,7 +67,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
         raise InputError(f"{opts.ckpt}: no such checkpoint")
     animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=torch.float32)
     result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": opts.steps,
-              "guidance": opts.guidance, "seed": opts.seed, **opts.extra, "splits": {}}
+              "guidance": animator.config.guidance if opts.guidance is None else opts.guidance, "seed": opts.seed, **opts.extra, "splits": {}}
     t0 = time.perf_counter()
     for split in opts.splits:
         entries = load_split(root, split)[: opts.videos]
