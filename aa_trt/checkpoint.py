@@ -103,6 +103,11 @@ def save_checkpoint(path, config: ModelConfig, state_dicts: Mapping[str, Mapping
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
             os.fsync(fh.fileno())
+        # safetensors creates its file owner-only (0600); a checkpoint gets the mode any new file
+        # would (0644 under the usual umask), so other users and containers can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

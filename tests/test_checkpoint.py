@@ -276,3 +276,15 @@ def test_save_replaces_an_existing_file(saved, tiny_models, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
     with safe_open(str(target), framework="pt") as f:
         assert f.get_slice("pose_guider.conv_in.weight").get_dtype() == "F16"
+
+
+def test_saved_checkpoint_has_the_usual_file_mode(tiny_models, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = save_models(tmp_path / "m.safetensors", tiny_models)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

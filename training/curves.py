@@ -64,11 +64,15 @@ def main(argv: list[str]) -> None:
     smooth_k = 1
     if argv and argv[0].startswith("--smooth="):
         smooth_k = int(argv.pop(0).split("=", 1)[1])
+    if len(argv) < 2 or argv[0] in ("-h", "--help") or any("=" not in s or ":" not in s for s in argv[1:]):
+        sys.exit("usage: python -m aa_trt.training.curves [--smooth=K] OUT.svg LABEL=LOG.jsonl:KEY ...")
     out, *specs = argv
     series = {}
     for spec in specs:
         label, rest = spec.split("=", 1)
         path, key = rest.rsplit(":", 1)
+        if not Path(path).is_file():
+            sys.exit(f"{path}: no such log")
         series[label] = smooth(read_series(path, key), smooth_k)
     Path(out).write_text(svg(series, Path(out).stem.replace("_", " ")))
 
