@@ -25,6 +25,10 @@ def test_default_model_is_small_and_says_how_it_was_made():
     prov = json.loads(meta["provenance"])
     assert cfg["name"] == "small" and cfg["default_size"] == [128, 128]
     assert prov["trained_by"] == "aa-trt train" and prov["stage"] == 2
+    # docs/training.md: v4's decoder was fine-tuned after stage 2, and it declares the CFG scale
+    # chosen on the training split.
+    assert prov["decoder_finetune"]["options"]["decoder_only"] is True
+    assert cfg["guidance"] == 1.0 and "training split" in prov["guidance"]
 
 
 @needs_model
