@@ -177,8 +177,9 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
             anim = (make_animator or Animator.from_pretrained)(ckpt, device=opts.device, dtype=dtypes[opts.dtype])
             anim.set_options(**torch_options)
     poses, facts = driving_poses(opts, clip, ref_image, width, height, timer)
+    guidance = config.guidance if opts.guidance is None else opts.guidance
     with timer("animate"):
-        frames = anim(ref_image, poses, steps=opts.steps, guidance=opts.guidance,
+        frames = anim(ref_image, poses, steps=opts.steps, guidance=guidance,
                       context_frames=min(opts.context_frames, config.motion.max_len),
                       context_overlap=opts.context_overlap, seed=opts.seed, width=width, height=height,
                       context_schedule=opts.context_schedule, progress=not opts.quiet)
@@ -186,7 +187,7 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
         video = (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration)
     return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
-            "guidance": config.guidance if opts.guidance is None else opts.guidance,
+            "guidance": guidance,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}

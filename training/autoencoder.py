@@ -83,13 +83,20 @@ def random_crops(frames: np.ndarray, crop: int, rng: np.random.Generator) -> np.
     return out
 
 
+def posterior_sample(d, gen: torch.Generator) -> torch.Tensor:
+    """One draw z = mean + std * eps from a diffusers DiagonalGaussianDistribution, with `gen`."""
+    return d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
+
+
+def reconstruction_terms(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 and MSE of a reconstruction against x, both (B, 3, h, w) in [-1, 1]."""
+    return (rec - x).abs().mean(), F.mse_loss(rec, x)
+
+
 def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """x (B, 3, h, w) in [-1, 1] -> scalar loss and its parts."""
     d = vae.encode(x).latent_dist
-    z = d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
-    rec = vae.decode(z).sample
-    l1 = (rec - x).abs().mean()
-    mse = F.mse_loss(rec, x)
+    l1, mse = reconstruction_terms(vae.decode(posterior_sample(d, gen)).sample, x)
     kl = 0.5 * (d.mean.pow(2) + d.var - 1.0 - d.logvar).sum(dim=(1, 2, 3)).mean()
     return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
@@ -98,11 +105,8 @@ def decoder_loss(vae, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tens
     """x (B, 3, h, w) in [-1, 1] -> L1 + MSE of the decoder on the frozen encoder's posterior sample.
     No KL term: the encoder, and with it the latent distribution, does not change."""
     with torch.no_grad():
-        d = vae.encode(x).latent_dist
-        z = d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
-    rec = vae.decode(z).sample
-    l1 = (rec - x).abs().mean()
-    mse = F.mse_loss(rec, x)
+        z = posterior_sample(vae.encode(x).latent_dist, gen)
+    l1, mse = reconstruction_terms(vae.decode(z).sample, x)
     return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
 
 
@@ -130,8 +134,7 @@ def measure_latent_scale(vae, videos: VideoSet, samples: int, seed: int) -> floa
     for s in range(0, samples, 16):
         px = sample_batch(videos, rng, min(16, samples - s))
         x = to_unit(px.frames[:, 0]) * 2 - 1
-        d = vae.encode(x).latent_dist
-        zs.append(d.mean + d.std * torch.randn(d.mean.shape, generator=gen))
+        zs.append(posterior_sample(vae.encode(x).latent_dist, gen))
     return float(1.0 / torch.cat(zs).std())
 
 

@@ -66,8 +66,9 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     if not Path(opts.ckpt).is_file():
         raise InputError(f"{opts.ckpt}: no such checkpoint")
     animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=torch.float32)
+    guidance = animator.config.guidance if opts.guidance is None else opts.guidance
     result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": opts.steps,
-              "guidance": animator.config.guidance if opts.guidance is None else opts.guidance, "seed": opts.seed, **opts.extra, "splits": {}}
+              "guidance": guidance, "seed": opts.seed, **opts.extra, "splits": {}}
     t0 = time.perf_counter()
     for split in opts.splits:
         entries = load_split(root, split)[: opts.videos]
@@ -82,7 +83,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
             h, w = ref.shape[:2]
             pred = {}
             if opts.model:
-                out = animator(Image.fromarray(ref), poses[1:1 + n], steps=opts.steps, guidance=opts.guidance,
+                out = animator(Image.fromarray(ref), poses[1:1 + n], steps=opts.steps, guidance=guidance,
                                seed=opts.seed + i, width=w, height=h, progress=False)
                 pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
             if opts.baselines:
