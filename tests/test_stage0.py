@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from aa_trt.checkpoint import build_models, load_checkpoint, read_config, read_metadata
+from aa_trt.checkpoint import build_models, load_checkpoint, read_config, read_metadata, save_models
 from aa_trt.cli import main
 from aa_trt.config import preset
 from aa_trt.training.autoencoder import (Stage0Options, clip_loss, decoder_loss, decoder_parameters, random_crops,
@@ -154,6 +158,38 @@ def test_decoder_only_finetune_changes_the_decoder_and_nothing_else(data, tmp_pa
     prov = json.loads(read_metadata(out / "model.safetensors")["provenance"])
     assert prov["stage"] == 0 and prov["decoder_finetune"]["options"]["decoder_only"] is True
     assert "clip" not in (out / "log.jsonl").read_text()
+
+    # A second fine-tune continues the first and keeps its record.
+    again = tmp_path / "dec2"
+    assert main(["train", "--stage", "0", "--init", str(out / "model.safetensors"), "--decoder-only",
+                 "--data", str(data), "--out", str(again), "--steps", "1", "--batch", "2", "--crop", "32",
+                 "--quiet"]) == 0
+    rec = json.loads(read_metadata(again / "model.safetensors")["provenance"])["decoder_finetune"]
+    assert rec["step"] == 1 and rec["continues"]["step"] == 3 and "continues" not in rec["continues"]
+
+    # docs/training/graft_decoder.py moves the fine-tuned decoder onto a checkpoint with the same encoder,
+    # and refuses one whose encoder differs.
+    grafted = tmp_path / "grafted.safetensors"
+    run_graft(init, out / "model.safetensors", grafted)
+    g = load_checkpoint(grafted)
+    for c, m in g.components().items():
+        for k, v in m.state_dict().items():
+            want = after if c == "vae" and k.startswith(("decoder.", "post_quant_conv.")) else before
+            assert torch.equal(v, want.components()[c].state_dict()[k]), (c, k)
+    assert json.loads(read_metadata(grafted)["provenance"])["decoder_finetune"]["step"] == 3
+    other = load_checkpoint(init)
+    with torch.no_grad():
+        other.vae.encoder.conv_in.weight.add_(0.01)
+    save_models(tmp_path / "other.safetensors", other)
+    with pytest.raises(SystemExit, match="encoder differs"):
+        run_graft(tmp_path / "other.safetensors", out / "model.safetensors", tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+def run_graft(*args):
+    script = Path(__file__).resolve().parents[1] / "docs" / "training" / "graft_decoder.py"
+    with mock.patch.object(sys, "argv", [str(script), *map(str, args)]):
+        runpy.run_path(str(script), run_name="__main__")
 
 
 @pytest.mark.parametrize("argv, needle", [

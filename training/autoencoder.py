@@ -21,7 +21,8 @@ starts from), ready for `aa-trt train --stage 1 --init`.
 decoder was made the same way). The latent space does not move, so `latent_scale` and every
 network trained on the latents (UNets, PoseGuider) stay valid: it sharpens a finished model's
 pixels without another stage 1. The checkpoint keeps the init's provenance and records the
-fine-tune under `decoder_finetune`.
+fine-tune under `decoder_finetune` (a fine-tune of an already fine-tuned decoder nests the earlier
+record under `continues`).
 """
 from __future__ import annotations
 
@@ -234,8 +235,10 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
     if opts.decoder_only:
         # Same encoder, same latents: latent_scale and the rest of the model stay as they were.
         prov = json.loads(read_metadata(opts.init).get("provenance") or "{}")
-        prov["decoder_finetune"] = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps,
-                                    "options": options}
+        record = {"trained_by": "aa-trt train", "stage": 0, "step": opts.steps, "options": options}
+        if "decoder_finetune" in prov:  # a continued fine-tune keeps the record of the one it continued
+            record["continues"] = prov["decoder_finetune"]
+        prov["decoder_finetune"] = record
         return save_models(out / MODEL_FILE, models, provenance=prov)
     scale = measure_latent_scale(vae, videos, opts.scale_samples, opts.seed)
     models.config = cfg.replace(latent_scale=round(scale, 6))
