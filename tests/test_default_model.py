@@ -25,9 +25,11 @@ def test_default_model_is_small_and_says_how_it_was_made():
     prov = json.loads(meta["provenance"])
     assert cfg["name"] == "small" and cfg["default_size"] == [128, 128]
     assert prov["trained_by"] == "aa-trt train" and prov["stage"] == 2
-    # docs/training.md: v4's decoder was fine-tuned after stage 2, and it declares the CFG scale
-    # chosen on the training split.
-    assert prov["decoder_finetune"]["options"]["decoder_only"] is True
+    # docs/training.md: v5's decoder is v4's fine-tuned decoder, fine-tuned further after stage 2 (the
+    # record of each), and the model declares the CFG scale chosen on the training split.
+    dec = prov["decoder_finetune"]
+    assert dec["options"]["decoder_only"] is True and dec["step"] == 1000
+    assert dec["continues"]["options"]["decoder_only"] is True and dec["continues"]["step"] == 800
     assert cfg["guidance"] == 1.0 and "training split" in prov["guidance"]
 
 
