@@ -218,6 +218,12 @@ def test_resume_gives_the_same_next_step(data, tmp_path):
     assert m.config.name == "tiny" and any(is_motion_key(k) for k in sd)
     assert torch.equal(sd["conv_in.weight"], exported)
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["identical"]
+    # What the resume changed (here the longer --steps) is named, and logged once it runs.
+    assert resumed.resume_changes == {"steps": [2, 3]}
+    resumed2 = Trainer(_opts(data, tmp_path, stage=1, steps=3, batch=2, resume=True))
+    resumed2.run(progress=False)
+    events = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"event": "resumed", "step": 2, "changed": {"steps": [2, 3]}} in events
 
 
 def test_resume_refuses_other_initial_weights(data, tmp_path):

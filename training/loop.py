@@ -220,6 +220,7 @@ class Trainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(opts, s))
         self.scaler = torch.amp.GradScaler("cuda") if opts.precision == "fp16" else None
         self.step = 0
+        self.resume_changes: dict = {}
         self._videos: VideoSet | None = None
 
     # -------------------------------------------------------------- data
@@ -350,6 +351,10 @@ class Trainer:
         if state["world_size"] == self.world:
             self._set_rng_state(state["rng"][self.rank])
         self.step = state["step"]
+        # Options a resume may change (a longer --steps, new --data, another LR): said aloud and
+        # logged, so the run's record shows where its schedule or data changed.
+        self.resume_changes = {k: [old.get(k), v] for k, v in dataclasses.asdict(self.opts).items()
+                               if k not in ("resume", "device") and k in old and old[k] != v}
         return True
 
     # -------------------------------------------------------------- checks and export
@@ -385,8 +390,12 @@ class Trainer:
     # -------------------------------------------------------------- the loop
     def run(self, progress: bool = True) -> Path | None:
         o = self.opts
-        if o.resume and self.load_state() and self.rank == 0 and progress:
-            print(f"resumed {self.out / STATE_FILE} at step {self.step}")
+        if o.resume and self.load_state():
+            self.log({"event": "resumed", "step": self.step, "changed": self.resume_changes})
+            if self.rank == 0 and progress:
+                print(f"resumed {self.out / STATE_FILE} at step {self.step}")
+                for key, (was, now) in self.resume_changes.items():
+                    print(f"  --{key.replace('_', '-')}: {was} -> {now}")
         t_last, losses = time.perf_counter(), []
         while self.step < o.steps:
             loss = self.train_step(self.draw(self.step))
