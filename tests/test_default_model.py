@@ -25,12 +25,13 @@ def test_default_model_is_small_and_says_how_it_was_made():
     prov = json.loads(meta["provenance"])
     assert cfg["name"] == "small" and cfg["default_size"] == [128, 128]
     assert prov["trained_by"] == "aa-trt train" and prov["stage"] == 2
-    # docs/training.md: v5's decoder is v4's fine-tuned decoder, fine-tuned further after stage 2 (the
-    # record of each), and the model declares the CFG scale chosen on the training split.
+    # docs/training.md: v6's decoder is v5's (v4's fine-tuned decoder, fine-tuned further; the record of
+    # each), its UNets were trained on the mixed data, and it declares the CFG scale chosen on the training split.
     dec = prov["decoder_finetune"]
     assert dec["options"]["decoder_only"] is True and dec["step"] == 1000
     assert dec["continues"]["options"]["decoder_only"] is True and dec["continues"]["step"] == 800
     assert cfg["guidance"] == 1.0 and "training split" in prov["guidance"]
+    assert prov["options"]["data"].endswith("mix128/train.json")
 
 
 @needs_model
