@@ -353,7 +353,7 @@ class Trainer:
         self.step = state["step"]
         # Options a resume may change (a longer --steps, new --data, another LR): said aloud and
         # logged, so the run's record shows where its schedule or data changed.
-        self.resume_changes = {k: [old.get(k), v] for k, v in dataclasses.asdict(self.opts).items()
+        self.resume_changes = {k: [old[k], v] for k, v in dataclasses.asdict(self.opts).items()
                                if k not in ("resume", "device") and k in old and old[k] != v}
         return True
 

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from aa_trt.training.data import write_json
+
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "data").resolve()
 a, b, out = root / "synth128", root / "synth128s1", root / "mix128"
 
@@ -19,7 +21,7 @@ def absolute(src: Path, split: str) -> list[dict]:
 
 out.mkdir(parents=True, exist_ok=True)
 train = absolute(a, "train") * 2 + absolute(b, "train")
-(out / "train.json").write_text(json.dumps(train, indent=0))
+write_json(out / "train.json", train)
 for split in ("test_characters", "test_motions"):
-    (out / f"{split}.json").write_text(json.dumps(absolute(a, split), indent=0))
+    write_json(out / f"{split}.json", absolute(a, split))
 print(f"{out / 'train.json'}: {len(train)} training entries")
