@@ -144,10 +144,12 @@ def _train(args) -> int:
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
-    if args.decoder_only:
-        from .errors import InputError
+    for flag, value in (("--decoder-only", args.decoder_only), ("--ssim-weight", args.ssim_weight),
+                        ("--crop", args.crop)):
+        if value is not None:
+            from .errors import InputError
 
-        raise InputError(f"--decoder-only belongs to stage 0 (the VAE), not --stage {args.stage}")
+            raise InputError(f"{flag} belongs to stage 0 (the VAE), not --stage {args.stage}")
     from .training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (default 1e-5, Moore's; stage 0: 1e-3)")
     t.add_argument("--crop", type=int, default=None, help="stage 0: VAE training crop in pixels (default 32)")
+    t.add_argument("--ssim-weight", type=float, default=None, metavar="W",
+                   help="stage 0: add W * (1 - SSIM) to the VAE's L1 + MSE reconstruction loss (default 0)")
     t.add_argument("--decoder-only", action="store_true", default=None,
                    help="stage 0 with --init: fine-tune the VAE decoder alone (latents, latent_scale and "
                    "the UNets stay valid)")

@@ -15,8 +15,9 @@ from aa_trt.checkpoint import build_models, load_checkpoint, read_config, read_m
 from aa_trt.cli import main
 from aa_trt.config import preset
 from aa_trt.training.autoencoder import (Stage0Options, clip_loss, decoder_loss, decoder_parameters, random_crops,
-                                        train_stage0, vae_loss)
+                                        reconstruction_loss, train_stage0, vae_loss)
 from aa_trt.training.data import VideoSet, clip_pixels, sample_batch, to_unit
+from aa_trt.training.metrics import ssim, ssim_torch
 from aa_trt.training.synthetic import synthesize
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -138,6 +139,34 @@ def test_decoder_loss_falls_on_a_fixed_batch_and_leaves_the_encoder_alone(data):
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items())
 
 
+def test_ssim_term_is_evals_ssim_and_raises_it_on_a_fixed_batch(data):
+    # The training SSIM is the one eval reports: same numbers on [0, 1] pixels as on uint8 frames.
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 256, (2, 3, 24, 24, 3)).astype(np.uint8)
+    to_t = lambda u: torch.from_numpy(u).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    np.testing.assert_allclose(ssim_torch(to_t(a), to_t(b), 1.0).numpy(), ssim(a, b), atol=1e-5)
+    # ... and reconstruction_loss's term is that SSIM of its [-1, 1] inputs.
+    _, parts = reconstruction_loss(to_t(a) * 2 - 1, to_t(b) * 2 - 1, ssim_weight=1.0)
+    assert parts["ssim"] == pytest.approx(float(ssim(a, b).mean()), abs=1e-5)
+
+    torch.manual_seed(0)
+    vae = build_models(preset("tiny"), components=("vae",)).vae
+    px = sample_batch(VideoSet(data), rng, 4)
+    x = to_unit(random_crops(px.frames[:, 0], 32, rng)) * 2 - 1
+    params = decoder_parameters(vae)
+    opt = torch.optim.Adam(params, lr=2e-3)
+    seen = []
+    for _ in range(8):
+        loss, parts = decoder_loss(vae, x, torch.Generator().manual_seed(0), ssim_weight=1.0)
+        seen.append((loss.item(), parts["ssim"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen[-1][0] < 0.9 * seen[0][0] and seen[-1][1] > seen[0][1] + 0.02
+    # Without the weight the term is neither computed nor reported.
+    assert "ssim" not in decoder_loss(vae, x, torch.Generator().manual_seed(0))[1]
+
+
 def test_decoder_only_finetune_changes_the_decoder_and_nothing_else(data, tmp_path, capsys):
     first = tmp_path / "s0"
     assert main(["train", "--stage", "0", "--preset", "tiny", "--data", str(data), "--out", str(first),
@@ -195,6 +224,9 @@ def run_graft(*args):
 @pytest.mark.parametrize("argv, needle", [
     (["--stage", "0", "--preset", "tiny", "--decoder-only"], "give --init"),
     (["--stage", "1", "--preset", "tiny", "--decoder-only"], "belongs to stage 0"),
+    (["--stage", "1", "--preset", "tiny", "--ssim-weight", "1"], "--ssim-weight belongs to stage 0"),
+    (["--stage", "0", "--preset", "tiny", "--ssim-weight", "-1"], "--ssim-weight must be >= 0"),
+    (["--stage", "0", "--preset", "tiny", "--ssim-weight", "1", "--crop", "8"], "at least 16"),
 ])
 def test_decoder_only_refuses_what_it_cannot_do(data, tmp_path, capsys, argv, needle):
     rc = main(["train", *argv, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1", "--quiet"])

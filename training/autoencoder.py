@@ -5,7 +5,8 @@ from scratch has random ones, which make every later stage meaningless. Stage 0 
 own AutoencoderKL and CLIPVisionModelWithProjection (the same classes, small widths):
 
 - VAE: L1 + MSE reconstruction of random crops plus a small KL term (SD's autoencoder without its
-  perceptual and adversarial losses, which need pretrained networks this environment cannot fetch).
+  perceptual and adversarial losses, which need pretrained networks this environment cannot fetch);
+  `--ssim-weight W` adds W * (1 - SSIM), with eval's SSIM, against the blur L1 and MSE settle for.
   Crops keep the step cheap; the network is convolutional, so it is used at full size afterwards.
 - CLIP: contrastive (InfoNCE) between two frames of the same video, other videos of the batch as
   negatives: the embedding learns what stays fixed while the character dances (its appearance),
@@ -40,6 +41,7 @@ from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError
 
 from .data import VideoSet, clip_pixels, sample_batch, to_unit
+from .metrics import ssim_torch
 
 MODEL_FILE = "model.safetensors"
 
@@ -55,6 +57,9 @@ class Stage0Options:
     crop: int = 32                # VAE training crop (pixels; a multiple of the latent factor)
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    # Weight of (1 - SSIM) in the reconstruction loss: L1 and MSE alone are minimised by a blur,
+    # which SSIM (what `aa-trt eval` reports) punishes. 0 = L1 + MSE only, as stage 0 was at first.
+    ssim_weight: float = 0.0
     temperature: float = 0.1      # InfoNCE temperature for the CLIP embedding
     seed: int = 0
     size: int | None = None
@@ -67,6 +72,10 @@ class Stage0Options:
             raise InputError("stage 0: give exactly one of --preset NAME (from scratch) and --init CKPT (continue)")
         if self.decoder_only and not self.init:
             raise InputError("--decoder-only fine-tunes a trained VAE's decoder: give --init CKPT")
+        if self.ssim_weight < 0:
+            raise InputError(f"--ssim-weight must be >= 0, got {self.ssim_weight}")
+        if self.ssim_weight and self.crop < 16:
+            raise InputError(f"--ssim-weight needs --crop of at least 16 (SSIM's window is 11x11), got {self.crop}")
         if self.batch < 2:
             raise InputError("--batch must be at least 2 (the CLIP loss contrasts the batch's videos)")
 
@@ -89,26 +98,33 @@ def posterior_sample(d, gen: torch.Generator) -> torch.Tensor:
     return d.mean + d.std * torch.randn(d.mean.shape, generator=gen).to(d.mean)
 
 
-def reconstruction_terms(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 and MSE of a reconstruction against x, both (B, 3, h, w) in [-1, 1]."""
-    return (rec - x).abs().mean(), F.mse_loss(rec, x)
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """A reconstruction against x, both (B, 3, h, w) in [-1, 1] -> L1 + MSE + ssim_weight * (1 - SSIM)
+    and its parts. SSIM is eval's (metrics.ssim_torch), on the pixels mapped to [0, 1] as eval sees them."""
+    l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
+    loss, parts = l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+    if ssim_weight:
+        s = ssim_torch((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2, data_range=1.0).mean()
+        loss = loss + ssim_weight * (1 - s)
+        parts["ssim"] = s.item()
+    return loss, parts
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator,
+             ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """x (B, 3, h, w) in [-1, 1] -> scalar loss and its parts."""
     d = vae.encode(x).latent_dist
-    l1, mse = reconstruction_terms(vae.decode(posterior_sample(d, gen)).sample, x)
+    loss, parts = reconstruction_loss(vae.decode(posterior_sample(d, gen)).sample, x, ssim_weight)
     kl = 0.5 * (d.mean.pow(2) + d.var - 1.0 - d.logvar).sum(dim=(1, 2, 3)).mean()
-    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    return loss + kl_weight * kl, {**parts, "kl": kl.item()}
 
 
-def decoder_loss(vae, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """x (B, 3, h, w) in [-1, 1] -> L1 + MSE of the decoder on the frozen encoder's posterior sample.
-    No KL term: the encoder, and with it the latent distribution, does not change."""
+def decoder_loss(vae, x: torch.Tensor, gen: torch.Generator, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """x (B, 3, h, w) in [-1, 1] -> the reconstruction loss of the decoder on the frozen encoder's
+    posterior sample. No KL term: the encoder, and with it the latent distribution, does not change."""
     with torch.no_grad():
         z = posterior_sample(vae.encode(x).latent_dist, gen)
-    l1, mse = reconstruction_terms(vae.decode(z).sample, x)
-    return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+    return reconstruction_loss(vae.decode(z).sample, x, ssim_weight)
 
 
 def decoder_parameters(vae) -> list[torch.nn.Parameter]:
@@ -200,12 +216,12 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
             x = to_unit(crops) * 2 - 1
             opt.zero_grad(set_to_none=True)
             if opts.decoder_only:
-                lv, parts = decoder_loss(vae, x, gen)
+                lv, parts = decoder_loss(vae, x, gen, opts.ssim_weight)
                 lv.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 extra = {}
             else:
-                lv, parts = vae_loss(vae, x, opts.kl_weight, gen)
+                lv, parts = vae_loss(vae, x, opts.kl_weight, gen, opts.ssim_weight)
                 lc, top1 = clip_loss(enc, clip_pixels(px.ref, clip_size), clip_pixels(px.frames[:, 0], clip_size),
                                      opts.temperature)
                 (lv + lc).backward()

@@ -19,17 +19,17 @@ def _gaussian_window(sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
-    """a, b: (N, H, W, 3) uint8 or float in [0, data_range] -> (N,) float64 SSIM per frame."""
-    x = torch.as_tensor(np.asarray(a), dtype=torch.float64).permute(0, 3, 1, 2)
-    y = torch.as_tensor(np.asarray(b), dtype=torch.float64).permute(0, 3, 1, 2)
+def ssim_torch(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
+    """x, y (N, C, H, W) float in [0, data_range] -> (N,) SSIM per image, differentiable. The range
+    must start at 0: the luminance term compares means, so shifted pixels give another number.
+    Stage 0's --ssim-weight trains on exactly the measure `aa-trt eval` reports."""
     if x.shape != y.shape:
-        raise ValueError(f"ssim of frames shaped {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"ssim of images shaped {tuple(x.shape)} and {tuple(y.shape)}")
     c = x.shape[1]
-    g = _gaussian_window()
+    g = _gaussian_window().to(x)
     r = len(g) // 2
     if min(x.shape[2:]) <= 2 * r:
-        raise ValueError(f"frames of {x.shape[3]}x{x.shape[2]} are too small for an 11x11 SSIM window")
+        raise ValueError(f"images of {x.shape[3]}x{x.shape[2]} are too small for an 11x11 SSIM window")
     kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
     ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
 
@@ -42,7 +42,16 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
     sxy = blur(x * y) - mx * my
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.mean(dim=(1, 2, 3)).numpy()
+    return s.mean(dim=(1, 2, 3))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """a, b: (N, H, W, 3) uint8 or float in [0, data_range] -> (N,) float64 SSIM per frame."""
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"ssim of frames shaped {tuple(np.shape(a))} and {tuple(np.shape(b))}")
+    x = torch.as_tensor(np.asarray(a), dtype=torch.float64).permute(0, 3, 1, 2)
+    y = torch.as_tensor(np.asarray(b), dtype=torch.float64).permute(0, 3, 1, 2)
+    return ssim_torch(x, y, data_range).numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
