@@ -1,7 +1,7 @@
 """The sample picture of docs/training.md from the README command's output.
 
     aa-trt run examples/ref.png examples/dance.mp4 -o out.mp4 --seed 0
-    python docs/training/sample.py examples/ref.png examples/dance.mp4 out.mp4 docs/training/sample_v6.png
+    python docs/training/sample.py examples/ref.png examples/dance.mp4 out.mp4 docs/training/sample_v7.png
 
 Top row: the reference, then output frames 0, 8, 16 and the last; bottom row: the reference and
 the dance's frames at the same indices.
