@@ -37,3 +37,13 @@ python -m aa_trt.training.curves --smooth=3 docs/training/decoder_ssim.svg "deco
 # The sample picture:
 aa-trt run examples/ref.png examples/dance.mp4 -o out.mp4 --seed 0
 python docs/training/sample.py examples/ref.png examples/dance.mp4 out.mp4 docs/training/sample_v7.png
+#
+# Tried after v7 shipped (docs/training/next/): v7's decoder continued 500 steps at the same pixels per step,
+# 32x32 crops against 64x64 crops; then v7's networks with the 64x64-crop decoder.
+aa-trt train --stage 0 --init runs8/dec_ssim3/model.safetensors --decoder-only --data data/mix128/train.json --out runs8/next_c32 --steps 500 --batch 16 --crop 32 --lr 1e-4 --seed 4 --ssim-weight 3 --log-every 50
+aa-trt train --stage 0 --init runs8/dec_ssim3/model.safetensors --decoder-only --data data/mix128/train.json --out runs8/next_c64 --steps 500 --batch 4 --crop 64 --lr 1e-4 --seed 4 --ssim-weight 3 --log-every 50
+for c in 32 64; do
+  aa-trt eval --ckpt runs8/next_c$c/model.safetensors --data data/synth128 --videos 6 --frames 24 --no-model --no-baselines --ceiling -o next/ceiling_crop$c.json
+done
+python docs/training/graft_decoder.py runs8/stage2/model.safetensors runs8/next_c64/model.safetensors runs8/grafted_c64.safetensors
+aa-trt eval --ckpt runs8/grafted_c64.safetensors --data data/synth128 --videos 6 --frames 24 --guidance 1.0 --no-baselines -o next/eval_v7_crop64decoder_g1.0.json
