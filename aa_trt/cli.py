@@ -144,12 +144,13 @@ def _train(args) -> int:
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
-    for flag, value in (("--decoder-only", args.decoder_only), ("--ssim-weight", args.ssim_weight),
-                        ("--crop", args.crop)):
-        if value is not None:
-            from .errors import InputError
+    stage0_only = [flag for flag, value in (("--decoder-only", args.decoder_only),
+                                            ("--ssim-weight", args.ssim_weight), ("--crop", args.crop))
+                   if value is not None]
+    if stage0_only:
+        from .errors import InputError
 
-            raise InputError(f"{flag} belongs to stage 0 (the VAE), not --stage {args.stage}")
+        raise InputError(f"{stage0_only[0]} belongs to stage 0 (the VAE), not --stage {args.stage}")
     from .training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
