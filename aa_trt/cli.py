@@ -120,6 +120,16 @@ def _data_prepare(args) -> int:
     return 0
 
 
+def _data_denoised(args) -> int:
+    from .training.denoised import sample_pairs
+
+    t = time.perf_counter()
+    out = sample_pairs(args.ckpt, args.meta, args.out, frames=args.frames, videos=args.videos, steps=args.steps,
+                       guidance=args.guidance, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {out} in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
 def _eval(args) -> int:
     from .training.data import write_json
     from .training.evaluate import EvalOptions, evaluate, table
@@ -145,7 +155,9 @@ def _train(args) -> int:
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
     stage0_only = [flag for flag, value in (("--decoder-only", args.decoder_only),
-                                            ("--ssim-weight", args.ssim_weight), ("--crop", args.crop))
+                                            ("--ssim-weight", args.ssim_weight), ("--crop", args.crop),
+                                            ("--denoised", args.denoised),
+                                            ("--denoised-batch", args.denoised_batch))
                    if value is not None]
     if stage0_only:
         from .errors import InputError
@@ -318,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-frames", type=int, default=None, metavar="N", help="use at most N frames per video")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_data_prepare)
+    dn = dsub.add_parser("denoised", help="a finished model's final latents beside the true frames",
+                         description="Run a checkpoint's full inference path on videos of synthetic meta files "
+                         "(reference = frame 0, the next F frames driven by their exact poses) and write each "
+                         "generated frame's final latent beside its true frame: data for `aa-trt train --stage 0 "
+                         "--decoder-only --denoised FILE`. Use splits the model never trained on and that "
+                         "`aa-trt eval` does not score (e.g. another synthetic set's test splits).")
+    dn.add_argument("meta", nargs="+", type=Path, help="meta JSON files (made by `aa-trt data synth`)")
+    dn.add_argument("--ckpt", required=True, type=Path, help="aa-trt checkpoint")
+    dn.add_argument("--out", required=True, type=Path, metavar="FILE", help=".npz to write")
+    dn.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per meta file (default all)")
+    dn.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
+    dn.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    dn.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's)")
+    dn.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
+    dn.add_argument("--quiet", action="store_true", help="no progress bar")
+    dn.set_defaults(func=_data_denoised)
 
     e = sub.add_parser("eval", help="SSIM/PSNR/L1 on held-out synthetic videos, beside two baselines",
                        description="Run the model on the test splits of a data folder (reference = frame 0, "
@@ -366,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-only", action="store_true", default=None,
                    help="stage 0 with --init: fine-tune the VAE decoder alone (latents, latent_scale and "
                    "the UNets stay valid)")
+    t.add_argument("--denoised", metavar="FILE", default=None,
+                   help="stage 0 with --decoder-only: also fit the decoder to a model's own latents, from "
+                   "`aa-trt data denoised`")
+    t.add_argument("--denoised-batch", type=int, default=None, metavar="N",
+                   help="with --denoised: crops of the model's latents per step (default: --batch)")
     t.add_argument("--frames", type=int, default=None, help="clip length (stage 2; default 16)")
     t.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
     t.add_argument("--size", type=int, default=None, help="train at SxS (default: the data's size)")

@@ -232,3 +232,99 @@ def test_decoder_only_refuses_what_it_cannot_do(data, tmp_path, capsys, argv, ne
     rc = main(["train", *argv, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1", "--quiet"])
     err = capsys.readouterr().err
     assert rc != 0 and needle in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s0tiny")
+    assert main(["train", "--stage", "0", "--preset", "tiny", "--data", str(data), "--out", str(out),
+                 "--steps", "1", "--batch", "2", "--crop", "32", "--quiet"]) == 0
+    return out / "model.safetensors"
+
+
+def test_denoised_pairs_are_the_pipelines_latents_beside_the_true_frames(data, tiny_ckpt, tmp_path, capsys):
+    from PIL import Image
+
+    from aa_trt.pipeline import Animator
+    from aa_trt.training.denoised import load_pairs
+
+    metas = [data / "test_characters.json", data / "test_motions.json"]
+    out = tmp_path / "pairs.npz"
+    assert main(["data", "denoised", *map(str, metas), "--ckpt", str(tiny_ckpt), "--out", str(out),
+                 "--frames", "2", "--steps", "3", "--guidance", "1.5", "--seed", "7", "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out and not list(tmp_path.glob(".*tmp*"))
+    cfg = read_config(tiny_ckpt)
+    pairs = load_pairs(out, cfg.latent_channels, cfg.latent_factor)
+    assert len(pairs) == 4 and pairs.frames.shape == (4, 64, 64, 3) and pairs.frames.dtype == np.uint8
+    assert pairs.latents.shape == (4, cfg.latent_channels, 64 // cfg.latent_factor, 64 // cfg.latent_factor)
+    # Oracle: the second video (seed 7 + 1) through the pipeline directly, and its true frames 1..2.
+    entry = json.loads(metas[1].read_text())[0]
+    with np.load(data / entry["npz_path"]) as z:
+        frames, poses = z["frames"], z["poses"]
+    animator = Animator.from_pretrained(tiny_ckpt)
+    want = animator(Image.fromarray(frames[0]), poses[1:3], steps=3, guidance=1.5, seed=8, output="latent",
+                    progress=False)[0].transpose(0, 1) / cfg.latent_scale
+    torch.testing.assert_close(pairs.latents[2:], want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(pairs.frames[2:], frames[1:3])
+    assert pairs.latents.std() > 0.01  # a real sample, not zeros
+
+
+def test_decoder_fits_denoised_pairs_and_nothing_else(data, tiny_ckpt, tmp_path, capsys):
+    from aa_trt.training.denoised import load_pairs, random_pair_crops, sample_pairs
+
+    pairs_file = sample_pairs(tiny_ckpt, [data / "test_characters.json"], tmp_path / "p.npz", frames=3, steps=2,
+                              progress=False)
+    cfg = read_config(tiny_ckpt)
+    pairs = load_pairs(pairs_file, cfg.latent_channels, cfg.latent_factor)
+    z, x = random_pair_crops(pairs, 4, 32, cfg.latent_factor, np.random.default_rng(0))
+    assert z.shape == (4, cfg.latent_channels, 32 // cfg.latent_factor, 32 // cfg.latent_factor)
+    assert x.shape == (4, 3, 32, 32) and -1 <= x.min() < x.max() <= 1
+    # The loss on a fixed batch of pairs falls when the decoder alone trains on it.
+    vae = load_checkpoint(tiny_ckpt).vae
+    params = decoder_parameters(vae)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=2e-3)
+    seen = []
+    for _ in range(15):
+        loss, _ = reconstruction_loss(vae.decode(z).sample, x, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(loss.item())
+    assert seen[-1] < 0.8 * seen[0]
+
+    # Through the command: both terms logged, only the decoder (and post_quant_conv) moves.
+    out = tmp_path / "dec"
+    rc = main(["train", "--stage", "0", "--init", str(tiny_ckpt), "--decoder-only", "--denoised", str(pairs_file),
+               "--denoised-batch", "3", "--data", str(data), "--out", str(out), "--steps", "2", "--batch", "2",
+               "--crop", "32", "--ssim-weight", "1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    line = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert {"l1", "ssim", "denoised_l1", "denoised_ssim"} <= set(line)
+    before, after = load_checkpoint(tiny_ckpt), load_checkpoint(out / "model.safetensors")
+    for c, m in after.components().items():
+        for k, v in m.state_dict().items():
+            same = torch.equal(v, before.components()[c].state_dict()[k])
+            assert same == (not (c == "vae" and k.startswith(("decoder.", "post_quant_conv.")))), (c, k)
+    rec = json.loads(read_metadata(out / "model.safetensors")["provenance"])["decoder_finetune"]
+    assert rec["options"]["denoised"] == str(pairs_file) and rec["options"]["denoised_batch"] == 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--stage", "0", "--init", "CKPT", "--denoised", "PAIRS"], "needs --decoder-only"),
+    (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised-batch", "2"], "--denoised-batch needs --denoised"),
+    (["--stage", "1", "--init", "CKPT", "--denoised", "PAIRS"], "--denoised belongs to stage 0"),
+    (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised", "MISSING"], "no such file"),
+    (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised", "WRONG"], "this VAE has"),
+])
+def test_denoised_refuses_what_it_cannot_use(data, tiny_ckpt, tmp_path, capsys, argv, needle):
+    pairs = tmp_path / "p.npz"
+    np.savez(pairs, latents=np.ones((2, 4, 8, 8), np.float32), frames=np.zeros((2, 64, 64, 3), np.uint8))
+    wrong = tmp_path / "w.npz"
+    np.savez(wrong, latents=np.ones((2, 3, 8, 8), np.float32), frames=np.zeros((2, 64, 64, 3), np.uint8))
+    subs = {"CKPT": str(tiny_ckpt), "PAIRS": str(pairs), "MISSING": str(tmp_path / "none.npz"), "WRONG": str(wrong)}
+    rc = main(["train", *[subs.get(a, a) for a in argv], "--data", str(data), "--out", str(tmp_path / "o"),
+               "--steps", "1", "--batch", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and needle in err and "Traceback" not in err

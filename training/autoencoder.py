@@ -41,6 +41,7 @@ from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError
 
 from .data import VideoSet, clip_pixels, sample_batch, to_unit
+from .denoised import load_pairs, random_pair_crops
 from .metrics import ssim_torch
 
 MODEL_FILE = "model.safetensors"
@@ -66,6 +67,10 @@ class Stage0Options:
     log_every: int = 10
     scale_samples: int = 256      # frames used to measure latent_scale
     decoder_only: bool = False    # train the VAE decoder alone on the frozen encoder's latents
+    # With decoder_only: also fit the decoder to a finished model's own final latents (a file made by
+    # `aa-trt data denoised`, denoised.py), `denoised_batch` crops of them a step beside the usual ones.
+    denoised: str | None = None
+    denoised_batch: int | None = None  # default: --batch
 
     def __post_init__(self):
         if (self.preset is None) == (self.init is None):
@@ -76,6 +81,10 @@ class Stage0Options:
             raise InputError(f"--ssim-weight must be >= 0, got {self.ssim_weight}")
         if self.ssim_weight and self.crop < 16:
             raise InputError(f"--ssim-weight needs --crop of at least 16 (SSIM's window is 11x11), got {self.crop}")
+        if self.denoised and not self.decoder_only:
+            raise InputError("--denoised fits the decoder to a model's latents: it needs --decoder-only")
+        if self.denoised_batch is not None and (not self.denoised or self.denoised_batch < 1):
+            raise InputError("--denoised-batch needs --denoised and must be at least 1")
         if self.batch < 2:
             raise InputError("--batch must be at least 2 (the CLIP loss contrasts the batch's videos)")
 
@@ -204,6 +213,7 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
     videos = VideoSet(opts.data, size)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(opts.denoised, cfg.latent_channels, factor) if opts.denoised else None
     log = open(out / "log.jsonl", "a")
     clip_size = enc.config.image_size
     t_last, acc = time.perf_counter(), []
@@ -217,6 +227,11 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
             opt.zero_grad(set_to_none=True)
             if opts.decoder_only:
                 lv, parts = decoder_loss(vae, x, gen, opts.ssim_weight)
+                if pairs is not None:
+                    z, xd = random_pair_crops(pairs, opts.denoised_batch or opts.batch, opts.crop, factor, rng)
+                    ld, pd = reconstruction_loss(vae.decode(z).sample, xd, opts.ssim_weight)
+                    lv = lv + ld
+                    parts.update({f"denoised_{k}": v for k, v in pd.items()})
                 lv.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 extra = {}
