@@ -24,6 +24,12 @@ network trained on the latents (UNets, PoseGuider) stay valid: it sharpens a fin
 pixels without another stage 1. The checkpoint keeps the init's provenance and records the
 fine-tune under `decoder_finetune` (a fine-tune of an already fine-tuned decoder nests the earlier
 record under `continues`).
+
+`--denoised PAIRS` (with `--decoder-only`) adds a second term: the decoder on crops of a finished
+model's own final latents (denoised.py, `aa-trt data denoised`) against the frames they should have
+been. The encoder's latents are not what the decoder meets at inference; the denoiser's miss them in
+ways of their own (washed-out backgrounds, soft limbs), and a decoder that has seen those misses
+decodes them closer to the truth.
 """
 from __future__ import annotations
 
