@@ -13,7 +13,7 @@ from aa_trt.video import read_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-GUIDANCE = 1.0  # the CFG scale v7 declares (docs/training.md: a sweep on the training split)
+GUIDANCE = 1.0  # the CFG scale v7 declared and v8 (v7's networks) keeps (docs/training.md: a sweep on the training split)
 needs_model = pytest.mark.skipif(not DEFAULT_MODEL.is_file(),
                                  reason=f"{DEFAULT_MODEL} is not in this checkout (docs/training.md makes it)")
 
@@ -26,15 +26,17 @@ def test_default_model_is_small_and_says_how_it_was_made():
     prov = json.loads(meta["provenance"])
     assert cfg["name"] == "small" and cfg["default_size"] == [128, 128]
     assert prov["trained_by"] == "aa-trt train" and prov["stage"] == 2
-    # docs/training.md: v7's decoder is v6's (v5's, v4's before it) fine-tuned three times more, the last two
-    # with (1 - SSIM) in the loss; the record of each run is kept. Its UNets were trained on the three-set mix,
+    # docs/training.md: v8 is v7 with its decoder fine-tuned twice more on larger crops (64x64, then whole
+    # 128x128 frames); v7's decoder was v6's (v5's, v4's before it) fine-tuned three times, the last two with
+    # (1 - SSIM) in the loss. The record of each run is kept. Its UNets were trained on the three-set mix,
     # and it declares the CFG scale chosen on the training split.
     chain, rec = [], prov["decoder_finetune"]
     while rec:
         assert rec["options"]["decoder_only"] is True
-        chain.append((rec["step"], rec["options"].get("ssim_weight", 0.0)))
+        chain.append((rec["step"], rec["options"].get("ssim_weight", 0.0), rec["options"]["crop"]))
         rec = rec.get("continues")
-    assert chain == [(2000, 3.0), (1000, 1.0), (1000, 0.0), (1000, 0.0), (800, 0.0)]
+    assert chain == [(500, 3.0, 128), (1700, 3.0, 64), (2000, 3.0, 32), (1000, 1.0, 32), (1000, 0.0, 32),
+                     (1000, 0.0, 32), (800, 0.0, 32)]
     assert cfg["guidance"] == GUIDANCE and "training split" in prov["guidance"]
     assert prov["options"]["data"].endswith("mix128b/train.json")
 
