@@ -145,7 +145,11 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path
             h, w = first.shape[:2]
             vs = out.add_stream("libx264", rate=rate)
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-            vs.options = {"crf": str(crf), "preset": "medium"}
+            # mbtree off: on CPUs with AVX-512, libx264's macroblock-tree code reads memory it never
+            # initialised, so the same frames encoded twice in one process could differ by up to ~36
+            # levels (seen at 64x88 up to 256x176). Without it the bitstream is a function of the
+            # frames alone; the cost is a slightly larger file at the same CRF.
+            vs.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
             # Every stream must exist before the first packet is muxed (the header is written then).
             audio = None
             if audio_from is not None:

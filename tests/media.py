@@ -41,6 +41,7 @@ def make_video(path: Path, frames: list[np.ndarray], fps: int = 10, audio: bool 
             vs = out.add_stream("libx264", rate=fps)
             vs.height, vs.width = frames[0].shape[:2]
             vs.pix_fmt = "yuv420p"
+            vs.options = {"x264-params": "mbtree=0"}  # deterministic test inputs (see aa_trt/video.py)
         aus = out.add_stream("aac", rate=22050) if audio else None
         if aus is not None:
             aus.layout = "mono"
