@@ -13,6 +13,8 @@ aa-trt train --stage 0 --init runs9/c64/model.safetensors --decoder-only --data 
 python docs/training/ship.py runs9/c128/model.safetensors runs9/v8.safetensors --guidance 1.0   # fp16 storage
 cp runs9/v8.safetensors aa_trt/assets/default.safetensors
 aa-trt eval --ckpt aa_trt/assets/default.safetensors --data data/synth128 --videos 32 --frames 24 --ceiling -o eval_default.json
+git show 183bb72^:aa_trt/assets/default.safetensors > v7.safetensors   # v7, for the same 32-video table
+aa-trt eval --ckpt v7.safetensors --data data/synth128 --videos 32 --frames 24 --ceiling -o v7/eval_32.json
 #
 # Choosing between decoders without re-running the denoiser: the networks are v7's, so their final latents are
 # fixed; store them once, then score each decoder by decoding alone (score_latents.py; its numbers are eval's:
