@@ -12,8 +12,6 @@ trained on (e.g. another synthetic set's test splits), not from the splits `aa-t
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,9 @@ import numpy as np
 import torch
 
 from aa_trt.errors import InputError
+from aa_trt.video import atomic_output
+
+from .evaluate import load_synth_meta
 
 
 @dataclass
@@ -48,11 +49,7 @@ def sample_pairs(ckpt, metas: list, out, frames: int = 24, videos: int | None = 
     for meta in map(Path, metas):
         if not meta.is_file():
             raise InputError(f"{meta}: no such meta file")
-        entries = json.loads(meta.read_text())[:videos]
-        bad = [e for e in entries if "npz_path" not in e]
-        if bad:
-            raise InputError(f"{meta}: entries without npz_path (lossless frames and poses), e.g. {bad[0]}")
-        jobs += [meta.parent / e["npz_path"] for e in entries]
+        jobs += [meta.parent / e["npz_path"] for e in load_synth_meta(meta)[:videos]]
     if not jobs:
         raise InputError(f"{', '.join(map(str, metas))}: no videos")
     animator = Animator.from_pretrained(ckpt, dtype=torch.float32)
@@ -70,10 +67,9 @@ def sample_pairs(ckpt, metas: list, out, frames: int = 24, videos: int | None = 
         true.append(fr[1:1 + n])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(tmp, latents=np.concatenate(lat), frames=np.concatenate(true),
-             videos=np.array([str(p) for p in jobs]), ckpt=np.array(str(ckpt)))
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+        np.savez(f, latents=np.concatenate(lat), frames=np.concatenate(true),
+                 videos=np.array([str(p) for p in jobs]), ckpt=np.array(str(ckpt)))
     return out
 
 

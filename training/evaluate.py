@@ -48,7 +48,13 @@ def load_split(root: Path, split: str) -> list[dict]:
     meta = root / f"{split}.json"
     if not meta.is_file():
         raise InputError(f"{meta}: no such split (expected a folder made by `aa-trt data synth`)")
-    entries = json.loads(meta.read_text())
+    return load_synth_meta(meta)
+
+
+def load_synth_meta(meta: Path) -> list[dict]:
+    """A meta file's entries, each with the `npz_path` (lossless frames, poses, keypoints) that
+    `aa-trt data synth` writes and the evaluations need."""
+    entries = json.loads(Path(meta).read_text())
     bad = [e for e in entries if "npz_path" not in e]
     if bad:
         raise InputError(f"{meta}: entries without npz_path (ground-truth keypoints), e.g. {bad[0]}")
