@@ -1,6 +1,9 @@
 """Helpers shared by the attention kernels: head-dim chunking, launch checks, dtype choices."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 # Half-precision tensor-core dots need every dot dimension >= 16.
@@ -53,3 +56,23 @@ def check_tokens(name: str, t: torch.Tensor, c: int) -> None:
         raise ValueError(f"{name} must be (batch, tokens, {c}); got {tuple(t.shape)}")
     if t.stride(2) != 1:
         raise ValueError(f"{name} must have a contiguous channel axis (stride 1); got {t.stride()}")
+
+
+@dataclass
+class Launch:
+    """Everything one kernel launch needs, computed by a launcher's `plan` without touching data:
+    `plan` runs on meta tensors too, which is how `aot.py` gets the exact signature, constexprs
+    and num_warps/num_stages a launch would compile with."""
+    kernel: Any                 # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple                 # the runtime arguments, in the kernel's parameter order
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    out: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the chosen Tiles, for reports
+
+    def __call__(self) -> torch.Tensor | None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+        return self.out

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import is_interpreted
+from aa_trt.kernels._common import Launch, is_interpreted
+from aa_trt.kernels.resources import Tiles, capability, choose, element_size
 
 MAX_BLOCK = 4096
 
@@ -86,15 +87,27 @@ def _block(n_elem: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = True, *,
-                    block: int | None = None) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps), then F.silu when `silu`, in one kernel.
+def tile_candidates(n_elem: int) -> list[Tiles]:
+    """Launch configurations in order of preference; `choose_tiles` takes the first that fits."""
+    block, warps = _block(n_elem)
+    return [Tiles.of(warps, 3, BLOCK=block)]
 
-    x: contiguous (N, C, *spatial), fp32/fp16/bf16; weight, bias: (C,) or None. Statistics and
-    arithmetic in fp32; returns x's shape and dtype. `block` overrides the tile width (a power of
-    two; the tests use it to exercise partial tiles).
-    """
+
+def shared_estimate(dtype: torch.dtype, tiles: Tiles) -> int:
+    """Upper bound of the shared memory (bytes) Triton allocates for one program: the cross-warp
+    scratch of the two tl.sum reductions (fp32), plus the loads if the loops were pipelined."""
+    return 4 * 32 * tiles.num_warps + max(1, tiles.num_stages) * tiles["BLOCK"] * element_size(dtype)
+
+
+def choose_tiles(n_elem: int, dtype: torch.dtype, cc: int | None) -> Tiles:
+    return choose(tile_candidates(n_elem), lambda t: shared_estimate(dtype, t), cc)
+
+
+def plan(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = True, *,
+         block: int | None = None, cc: int | None = None) -> Launch:
+    """Check the inputs and compute the launch (grid, arguments, constexprs, tiles for compute
+    capability `cc`) without running it; works on meta tensors. See `group_norm_silu`."""
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *spatial); got {tuple(x.shape)}")
     n, c = x.shape[:2]
@@ -106,19 +119,31 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         if t is not None and (t.shape != (c,) or t.device != x.device):
             raise ValueError(f"{name} must be ({c},) on {x.device}; got {tuple(t.shape)} on {t.device}")
     y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
     cpg = c // num_groups
-    s = x.numel() // (n * c)
-    bl, warps = _block(cpg * s)
-    bl = block or bl
+    s = x.numel() // (n * c) if x.numel() else 0
+    tiles = choose_tiles(max(1, cpg * s), x.dtype, cc).replace(BLOCK=block)
     w = weight.contiguous() if weight is not None else x  # x: never read
     b = bias.contiguous() if bias is not None else x
-    _group_norm_silu_kernel[(n * num_groups,)](
-        x, w, b, y, s, cpg, num_groups, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu), BLOCK=bl,
-        num_warps=warps)
-    return y
+    args = (x, w, b, y, s, cpg, num_groups, float(eps))
+    constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
+                      **dict(tiles.block))
+    return Launch(_group_norm_silu_kernel, (n * num_groups,), args, constexprs, tiles.num_warps,
+                  tiles.num_stages, y, {"tiles": tiles})
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = True, *,
+                    block: int | None = None) -> torch.Tensor:
+    """F.group_norm(x, num_groups, weight, bias, eps), then F.silu when `silu`, in one kernel.
+
+    x: contiguous (N, C, *spatial), fp32/fp16/bf16; weight, bias: (C,) or None. Statistics and
+    arithmetic in fp32; returns x's shape and dtype. `block` overrides the tile width (a power of
+    two; the tests use it to exercise partial tiles).
+    """
+    launch = plan(x, num_groups, weight, bias, eps, silu, block=block, cc=capability(x.device))
+    if x.numel() == 0:
+        return launch.out
+    return launch()
 
 
 def group_norm_silu_torch(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True) -> torch.Tensor:

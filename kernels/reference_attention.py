@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tokens, dot_precision, head_dim_chunks, is_interpreted, upcast_dots
+from aa_trt.kernels._common import (Launch, check_tokens, dot_precision, head_dim_chunks,
+                                   is_interpreted, upcast_dots)
+from aa_trt.kernels.resources import Tiles, capability, choose, element_size
 
 LOG2E = 1.4426950408889634
 
@@ -143,24 +145,35 @@ def _flags(use_reference, b: int, device) -> torch.Tensor:
     return flags.contiguous()
 
 
-def _blocks(d: int, n_q: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): FlashAttention-2-like defaults, not tuned on a GPU."""
+def tile_candidates(d: int, n_q: int) -> list[Tiles]:
+    """Launch configurations in order of preference (FlashAttention-2-like defaults, not tuned on
+    a GPU); `choose_tiles` takes the first that fits the device's shared memory."""
     block_m = 128 if d <= 80 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(n_q)))
-    return block_m, 64, (4 if d <= 64 else 8), (3 if d <= 80 else 2)
+    first = Tiles.of(4 if d <= 64 else 8, 3 if d <= 80 else 2, BLOCK_M=block_m, BLOCK_N=64)
+    fallback = Tiles.of(4, 1, BLOCK_M=min(block_m, 64), BLOCK_N=32)
+    return [first] + ([fallback] if fallback != first else [])
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_ref: torch.Tensor | None, v_ref: torch.Tensor | None, heads: int,
-                        use_reference: torch.Tensor | Sequence[bool] | None = None, *,
-                        block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """Triton version of `aa_trt.attention.reference_attention`, plus the per-row flag.
+def shared_estimate(d: int, dtype: torch.dtype, tiles: Tiles) -> int:
+    """Upper bound of the shared memory (bytes) Triton allocates for one program."""
+    d0, d1 = head_dim_chunks(d)
+    e = element_size(dtype)
+    bm, bn, stages = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles.num_stages
+    kv = 2 * max(1, stages) * bn * (d0 + d1) * e  # the pipelined K and V tiles
+    return kv + bm * (d0 + d1) * e + bm * bn * e   # + Q and P staged for the dots
 
-    q (b, n, c); k, v (b, n_k, c); k_ref, v_ref (1 or b, m, c) or None (plain attention);
-    use_reference: (b,) flags (tensor or sequence; None = every row): rows with a false flag attend
-    to their own tokens only. Returns (b, n, c) in q's dtype. block_m/block_n override the tiles
-    (the tests use them to exercise partial tiles).
-    """
+
+def choose_tiles(d: int, n_q: int, dtype: torch.dtype, cc: int | None) -> Tiles:
+    return choose(tile_candidates(d, n_q), lambda t: shared_estimate(d, dtype, t), cc)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         k_ref: torch.Tensor | None, v_ref: torch.Tensor | None, heads: int,
+         use_reference: torch.Tensor | Sequence[bool] | None = None, *,
+         block_m: int | None = None, block_n: int | None = None, cc: int | None = None) -> Launch:
+    """Check the inputs and compute the launch (grid, arguments, constexprs, tiles for compute
+    capability `cc`) without running it; works on meta tensors. See `reference_attention`."""
     b, n_q, c = q.shape
     if c % heads:
         raise ValueError(f"{c} channels do not split into {heads} heads")
@@ -185,19 +198,33 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kr, vr, n_ref, krb, vrb = k, v, 0, 0, 0
     flags = _flags(use_reference, b, q.device)
     out = torch.empty((b, n_q, c), dtype=q.dtype, device=q.device)
-    bm, bn, warps, stages = _blocks(d, n_q)
-    bm, bn = block_m or bm, block_n or bn
-    grid = (triton.cdiv(n_q, bm), b * heads)
-    _reference_attention_kernel[grid](
-        q, k, v, kr, vr, flags, out,
-        n_q, k.shape[1], n_ref, heads,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        krb, kr.stride(1), vrb, vr.stride(1), out.stride(0), out.stride(1),
-        LOG2E / math.sqrt(d),
-        D=d, D0=d0, D1=d1, HAS_REF=has_ref, BLOCK_M=bm, BLOCK_N=bn,
-        UPCAST=upcast_dots(q.dtype, _reference_attention_kernel), PREC=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
-    return out
+    tiles = choose_tiles(d, n_q, q.dtype, cc).replace(BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (triton.cdiv(n_q, tiles["BLOCK_M"]), b * heads)
+    args = (q, k, v, kr, vr, flags, out,
+            n_q, k.shape[1], n_ref, heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            krb, kr.stride(1), vrb, vr.stride(1), out.stride(0), out.stride(1),
+            LOG2E / math.sqrt(d))
+    constexprs = dict(D=d, D0=d0, D1=d1, HAS_REF=has_ref, **dict(tiles.block),
+                      UPCAST=upcast_dots(q.dtype, _reference_attention_kernel),
+                      PREC=dot_precision(q.dtype))
+    return Launch(_reference_attention_kernel, grid, args, constexprs, tiles.num_warps,
+                  tiles.num_stages, out, {"tiles": tiles})
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_ref: torch.Tensor | None, v_ref: torch.Tensor | None, heads: int,
+                        use_reference: torch.Tensor | Sequence[bool] | None = None, *,
+                        block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Triton version of `aa_trt.attention.reference_attention`, plus the per-row flag.
+
+    q (b, n, c); k, v (b, n_k, c); k_ref, v_ref (1 or b, m, c) or None (plain attention);
+    use_reference: (b,) flags (tensor or sequence; None = every row): rows with a false flag attend
+    to their own tokens only. Returns (b, n, c) in q's dtype. block_m/block_n override the tiles
+    (the tests use them to exercise partial tiles).
+    """
+    return plan(q, k, v, k_ref, v_ref, heads, use_reference, block_m=block_m, block_n=block_n,
+                cc=capability(q.device))()
 
 
 def reference_attention_torch(q, k, v, k_ref, v_ref, heads, use_reference=None) -> torch.Tensor:

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tokens, dot_precision, head_dim_chunks, upcast_dots
+from aa_trt.kernels._common import Launch, check_tokens, dot_precision, head_dim_chunks, upcast_dots
+from aa_trt.kernels.resources import Tiles, capability, choose, element_size
 
 LOG2E = 1.4426950408889634
 MAX_FRAMES = 32
@@ -113,15 +114,39 @@ def _block_p(block_f: int, d: int) -> int:
     return max(1, min(64, 1 << max(0, (8192 // lanes).bit_length() - 1)))
 
 
-def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                       bias_q: torch.Tensor | None = None, bias_k: torch.Tensor | None = None,
-                       bias_v: torch.Tensor | None = None, *, block_p: int | None = None) -> torch.Tensor:
-    """softmax((q+bq)(k+bk)^T / sqrt(d)) (v+bv) over the frame axis.
+def block_frames(f: int) -> int:
+    """The frame tile: the whole window, padded to a power of two >= 16 (the dots' minimum)."""
+    return max(16, triton.next_power_of_2(f))
 
-    q, k, v: (positions, f, c) with f <= 32, as the motion module's projections produce them;
-    bias_q/k/v: optional per-frame biases (f, c) (all three or none), e.g. from
-    `fold_positional_encoding`. Returns (positions, f, c) in q's dtype.
-    """
+
+def tile_candidates(f: int, d: int) -> list[Tiles]:
+    """Launch configurations in order of preference; `choose_tiles` takes the first that fits."""
+    block_f = block_frames(f)
+    bp = _block_p(block_f, d)
+    cands = [Tiles.of(4, 3, BLOCK_P=bp, BLOCK_F=block_f)]
+    if bp > 1:
+        cands.append(Tiles.of(4, 3, BLOCK_P=max(1, bp // 2), BLOCK_F=block_f))
+    return cands
+
+
+def shared_estimate(d: int, dtype: torch.dtype, tiles: Tiles) -> int:
+    """Upper bound of the shared memory (bytes) Triton allocates for one program."""
+    d0, d1 = head_dim_chunks(d)
+    e = element_size(dtype)
+    bp, bf = tiles["BLOCK_P"], tiles["BLOCK_F"]
+    return 3 * bp * bf * (d0 + d1) * e + bp * bf * bf * e  # q, k, v operands + P
+
+
+def choose_tiles(f: int, d: int, dtype: torch.dtype, cc: int | None) -> Tiles:
+    return choose(tile_candidates(f, d), lambda t: shared_estimate(d, dtype, t), cc)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+         bias_q: torch.Tensor | None = None, bias_k: torch.Tensor | None = None,
+         bias_v: torch.Tensor | None = None, *, block_p: int | None = None,
+         cc: int | None = None) -> Launch:
+    """Check the inputs and compute the launch (grid, arguments, constexprs, tiles for compute
+    capability `cc`) without running it; works on meta tensors. See `temporal_attention`."""
     n_pos, f, c = q.shape
     if c % heads:
         raise ValueError(f"{c} channels do not split into {heads} heads")
@@ -145,16 +170,28 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     else:
         biases = (q, q, q)  # never read
     out = torch.empty((n_pos, f, c), dtype=q.dtype, device=q.device)
-    block_f = max(16, triton.next_power_of_2(f))
-    bp = block_p or _block_p(block_f, d)
-    grid = (triton.cdiv(n_pos, bp), heads)
-    _temporal_attention_kernel[grid](
-        q, k, v, *biases, out, n_pos, f,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), c, LOG2E / math.sqrt(d),
-        D=d, D0=d0, D1=d1, BLOCK_P=bp, BLOCK_F=block_f, HAS_BIAS=has_bias,
-        UPCAST=upcast_dots(q.dtype, _temporal_attention_kernel), PREC=dot_precision(q.dtype), num_warps=4)
-    return out
+    tiles = choose_tiles(f, d, q.dtype, cc).replace(BLOCK_P=block_p)
+    grid = (triton.cdiv(n_pos, tiles["BLOCK_P"]), heads)
+    args = (q, k, v, *biases, out, n_pos, f,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), c, LOG2E / math.sqrt(d))
+    constexprs = dict(D=d, D0=d0, D1=d1, **dict(tiles.block), HAS_BIAS=has_bias,
+                      UPCAST=upcast_dots(q.dtype, _temporal_attention_kernel),
+                      PREC=dot_precision(q.dtype))
+    return Launch(_temporal_attention_kernel, grid, args, constexprs, tiles.num_warps,
+                  tiles.num_stages, out, {"tiles": tiles})
+
+
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       bias_q: torch.Tensor | None = None, bias_k: torch.Tensor | None = None,
+                       bias_v: torch.Tensor | None = None, *, block_p: int | None = None) -> torch.Tensor:
+    """softmax((q+bq)(k+bk)^T / sqrt(d)) (v+bv) over the frame axis.
+
+    q, k, v: (positions, f, c) with f <= 32, as the motion module's projections produce them;
+    bias_q/k/v: optional per-frame biases (f, c) (all three or none), e.g. from
+    `fold_positional_encoding`. Returns (positions, f, c) in q's dtype.
+    """
+    return plan(q, k, v, heads, bias_q, bias_k, bias_v, block_p=block_p, cc=capability(q.device))()
 
 
 @torch.no_grad()
