@@ -13,14 +13,15 @@ again on the next start (it has no output). The exit code is 1 if any job failed
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 import traceback
 from pathlib import Path
 
-from .errors import AATrtError, InputError
+from aa_trt import dist as D
+from aa_trt.errors import AATrtError, InputError
+from aa_trt.files import remove_stale_partials, write_json
 
 PATH_FIELDS = ("ref", "driving", "output", "ckpt", "engine", "dwpose")
 REQUIRED = ("ref", "driving", "output")
@@ -37,10 +38,8 @@ def status_path(folder: Path, index: int) -> Path:
 
 
 def write_status(path: Path, record: dict) -> None:
-    """Atomic: a temporary file beside it, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Atomic (files.atomic_output): readers never see half a record."""
+    write_json(path, record, indent=None)
 
 
 def read_status(path: Path) -> dict | None:
@@ -70,17 +69,19 @@ def read_jobs(path: Path) -> list[tuple[int, dict | Exception]]:
 
 
 def job_options(job: dict, base: Path, defaults: dict):
-    """A job's RunOptions: its keys (dashes or underscores) over the batch defaults."""
-    from .run import RunOptions
+    """A job's RunOptions: its keys (dashes or underscores; any RunOptions or SampleOptions
+    field) over the batch defaults. A bad value raises the options' own OptionError."""
+    from aa_trt.options import SampleOptions
+    from aa_trt.run import RunOptions
 
-    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    fields = (set(RunOptions.fields()) | set(SampleOptions.fields())) - {"sample", "quiet", "parallel"}
     # The batch's own defaults (command-line flags) are relative to the working folder, the
     # job's paths to the jobs file's folder.
     kw = {k: (Path(v).absolute() if k in PATH_FIELDS else v) for k, v in defaults.items() if v is not None}
     for key, value in job.items():
         name = key.replace("-", "_")
-        if name not in fields or name == "quiet":
-            raise InputError(f"unknown job option {key!r}; expected some of: {', '.join(sorted(fields - {'quiet'}))}")
+        if name not in fields:
+            raise InputError(f"unknown job option {key!r}; expected some of: {', '.join(sorted(fields))}")
         if name in PATH_FIELDS and value is not None:
             value = Path(os.path.expanduser(str(value)))
             value = value if value.is_absolute() else base / value
@@ -89,14 +90,12 @@ def job_options(job: dict, base: Path, defaults: dict):
     if missing:
         raise InputError(f"job without {', '.join(missing)}")
     kw["quiet"] = True
-    return RunOptions(**kw)
+    return RunOptions.create(**kw)
 
 
 def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = None,
               print_fn=print) -> dict:
     """Run this rank's share of the jobs; returns the summary over all ranks (gathered)."""
-    from . import distributed as D
-
     jobs_path = Path(jobs_path)
     started = D.init_process_group("cpu", backend="gloo", timeout_s=BATCH_TIMEOUT_S, timeout_env=BATCH_TIMEOUT_ENV)
     try:
@@ -131,11 +130,7 @@ def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = Non
             if state != "skipped":
                 where = f"[rank {rank}] " if world > 1 else ""
                 print_fn(f"{where}job {i} (line {line}): {state}" + (f": {detail}" if detail else ""))
-        mine = {"rank": rank, "counts": counts, "failures": failures}
-        parts = [mine]
-        if D.active():
-            parts = [None] * world
-            D._comm(D.dist.all_gather_object, parts, mine)
+        parts = D.all_gather_object({"rank": rank, "counts": counts, "failures": failures})
     finally:
         D.shutdown(started)
     total = {k: sum(p["counts"][k] for p in parts) for k in counts}
@@ -144,7 +139,7 @@ def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = Non
 
 
 def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[str, str]:
-    from .run import run
+    from aa_trt.run import run
 
     base = {"job": i, "line": line, "rank": rank, "pid": os.getpid()}
     if isinstance(opts, Exception):
@@ -158,11 +153,10 @@ def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[s
         return "skipped", ""
     t0 = time.time()
     write_status(path, {**base, "state": "running", "started": t0})
-    _remove_stale_partials(opts.output)
+    remove_stale_partials(opts.output)
 
     def make_animator(ckpt, device, dtype):
-        from . import distributed as D
-        from .pipeline import Animator
+        from aa_trt.pipeline import Animator
 
         key = (str(Path(ckpt).resolve()), str(D.local_device(str(device))), str(dtype))
         if key not in cache:
@@ -186,17 +180,6 @@ def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[s
         return "done", ""
     write_status(path, {**base, "state": "failed", "error": err, "started": t0, "finished": time.time()})
     return "failed", err
-
-
-def _remove_stale_partials(output: Path) -> None:
-    """A killed run leaves its temporary output (video.atomic_output's .NAME.PID.partial.EXT);
-    jobs have distinct outputs, so any such file of this job's output is stale."""
-    if output.parent.is_dir():
-        for p in output.parent.glob(f".{output.stem}.*.partial{output.suffix}"):
-            try:
-                p.unlink()
-            except OSError:
-                pass
 
 
 def summary_line(s: dict) -> str:

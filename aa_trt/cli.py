@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _convert(args) -> int:
-    from .convert import convert_moore
+    from aa_trt.convert import convert_moore
 
     t = time.perf_counter()
     out = convert_moore(args.moore, args.base, args.output, dtype=args.dtype,
@@ -21,10 +21,10 @@ def _convert(args) -> int:
 
 
 def _build(args) -> int:
-    from .checkpoint import read_config
-    from .errors import InputError
-    from .export.build import build
-    from .export.graphs import GRAPHS, BuildShapes
+    from aa_trt.checkpoint import read_config
+    from aa_trt.errors import InputError
+    from aa_trt.export.build import build
+    from aa_trt.export.graphs import GRAPHS, BuildShapes
 
     width, height = read_config(args.ckpt).default_size
     try:
@@ -52,38 +52,38 @@ def _add_report_flags(p):
 
 
 def _report(args, result) -> int:
-    from .run import as_json, summary_line
+    from aa_trt.run import as_json, summary_line
 
     print(as_json(result) if args.json else summary_line(result))
     return 0
 
 
 def _run(args) -> int:
-    from .run import RunOptions, run
+    from aa_trt.dist import launched_world_size
+    from aa_trt.options import SampleOptions
+    from aa_trt.run import RunOptions, run
 
-    opts = RunOptions(**{k: getattr(args, k) for k in RunOptions.__dataclass_fields__
-                         if hasattr(args, k) and k not in ("ref", "driving", "output")},
-                      ref=args.ref, driving=args.driving, output=args.output)
-    from .distributed import launched_world_size
+    names = set(RunOptions.fields()) | set(SampleOptions.fields())
+    opts = RunOptions.create(**{k: v for k, v in vars(args).items() if k in names})
     if launched_world_size() > 1:  # under torchrun: one video, its windows shared among the ranks
-        from .distributed import run_parallel
-        return run_parallel(opts, args.parallel, lambda result: _report(args, result))
+        from aa_trt.distributed import run_parallel
+        return run_parallel(opts, lambda result: _report(args, result))
     return _report(args, run(opts))
 
 
 def _batch(args) -> int:
     import os
 
-    from .batch import run_batch, summary_line
-    from .errors import AATrtError
-    from .run import as_json
+    from aa_trt.batch import run_batch, summary_line
+    from aa_trt.errors import AATrtError
+    from aa_trt.run import as_json
 
     defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype}
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
         s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print)
     except AATrtError as e:
-        from .distributed import CommunicationError
+        from aa_trt.dist import CommunicationError
         if lead or isinstance(e, CommunicationError):
             raise
         return e.exit_code  # every rank failed the same way; rank 0 says it
@@ -95,14 +95,14 @@ def _batch(args) -> int:
 
 
 def _pose(args) -> int:
-    from .run import pose_preview
+    from aa_trt.run import pose_preview
 
     return _report(args, pose_preview(args.driving, args.output, args.ref, args.dwpose, args.frames,
                                       args.stride, args.start, args.quiet))
 
 
 def _data_synth(args) -> int:
-    from .training.synthetic import synthesize
+    from aa_trt.training.synthetic import synthesize
 
     t = time.perf_counter()
     meta = synthesize(args.out, args.videos, args.size, frames=args.frames, seed=args.seed,
@@ -113,7 +113,7 @@ def _data_synth(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from .training.prepare import prepare
+    from aa_trt.training.prepare import prepare
 
     entries = prepare(args.src, args.out, args.dwpose, args.max_frames, progress=not args.quiet)
     print(f"wrote {args.out / 'train.json'} ({len(entries)} videos)")
@@ -121,7 +121,7 @@ def _data_prepare(args) -> int:
 
 
 def _data_denoised(args) -> int:
-    from .training.denoised import sample_pairs
+    from aa_trt.training.denoised import sample_pairs
 
     t = time.perf_counter()
     out = sample_pairs(args.ckpt, args.meta, args.out, frames=args.frames, videos=args.videos, steps=args.steps,
@@ -131,8 +131,8 @@ def _data_denoised(args) -> int:
 
 
 def _eval(args) -> int:
-    from .training.data import write_json
-    from .training.evaluate import EvalOptions, evaluate, table
+    from aa_trt.files import write_json
+    from aa_trt.training.evaluate import EvalOptions, evaluate, table
 
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
                        videos=args.videos, frames=args.frames, steps=args.steps, guidance=args.guidance,
@@ -148,7 +148,7 @@ def _eval(args) -> int:
 
 def _train(args) -> int:
     if args.stage == 0:
-        from .training.autoencoder import Stage0Options, train_stage0
+        from aa_trt.training.autoencoder import Stage0Options, train_stage0
 
         fields = Stage0Options.__dataclass_fields__
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
@@ -160,10 +160,10 @@ def _train(args) -> int:
                                             ("--denoised-batch", args.denoised_batch))
                    if value is not None]
     if stage0_only:
-        from .errors import InputError
+        from aa_trt.errors import InputError
 
         raise InputError(f"{stage0_only[0]} belongs to stage 0 (the VAE), not --stage {args.stage}")
-    from .training.loop import TrainOptions, train
+    from aa_trt.training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
                            if getattr(args, k, None) is not None})
@@ -176,7 +176,7 @@ def _train(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aa-trt", description="Fast Animate Anyone: pose-guided "
                                 "character animation with Moore-AnimateAnyone's weights.")
-    from . import __version__
+    from aa_trt import __version__
     p.add_argument("--version", action="version", version=f"aa-trt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -244,19 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not rescale the driving skeleton to the reference's proportions")
     _add_clip_flags(r)
     r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
-    r.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the paper)")
+    r.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as the paper)")
+    r.add_argument("--sampler", default="ddim", help="sampling method: ddim (default; Moore's)")
     r.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's; 3.5 for Moore's)")
     r.add_argument("--context-frames", type=int, default=24, help="frames per context window (default 24, at most 32)")
     r.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows (default 4)")
-    r.add_argument("--context-schedule", choices=("uniform", "sliding"), default="uniform",
+    r.add_argument("--context-schedule", default="uniform", metavar="uniform|sliding",
                    help="uniform: Moore's closed-loop windows (wrap the end onto the start, for looping "
                    "dances); sliding: windows that never wrap (default uniform)")
     r.add_argument("--width", type=int, default=None, help="output width, a multiple of 8 (default: "
                    "the reference's aspect ratio with the model's short side, 512 for sd15)")
     r.add_argument("--height", type=int, default=None, help="output height, a multiple of 8")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="compute precision")
+    r.add_argument("--dtype", default="fp32", metavar="fp32|fp16|bf16", help="compute precision (default fp32)")
+    r.add_argument("--window-batch", type=int, default=1, metavar="N",
+                   help="context windows per UNet call (default 1; more can be faster on a GPU)")
     r.add_argument("--offload", action="store_true",
                    help="move the ReferenceNet, CLIP and the VAE encoder to the CPU once the reference "
                    "is encoded: less GPU memory while denoising (nothing moves on --device cpu)")
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the denoising UNet (the first steps of each window shape compile)")
     r.add_argument("--cuda-graph", action="store_true",
                    help="replay the denoising UNet from CUDA graphs, one per input shape (CUDA only)")
-    r.add_argument("--parallel", choices=("auto", "window", "guidance", "both"), default="auto",
+    r.add_argument("--parallel", default="auto", metavar="auto|window|guidance|both",
                    help="under torchrun: share each step's context windows among the ranks (window), "
                    "put the uncond and cond branches on two groups of ranks (guidance; both: the same, "
                    "windows sharded inside each group), or pick the plan with the least work on the "
@@ -428,12 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Library parameters whose flag is not `--` + the name with dashes.
+FLAGS = {"ckpt": "--ckpt", "output": "-o/--output", "align": "--no-align"}
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
-    from .errors import AATrtError
+    from aa_trt.errors import AATrtError, OptionError
 
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the same cleanup (no partial outputs) runs for both.
@@ -443,6 +450,9 @@ def main(argv=None) -> int:
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
+    except OptionError as e:  # the library names the parameter; the user typed its flag
+        print(f"aa-trt: error: {e.as_flag(FLAGS)}", file=sys.stderr)
+        return e.exit_code
     except AATrtError as e:
         print(f"aa-trt: error: {e}", file=sys.stderr)
         return e.exit_code

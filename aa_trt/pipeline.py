@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import Models, load_checkpoint
-from .errors import InputError
-from .models.layers import ReferenceState
-from .models.reference_kv import ReferenceKV, compute_reference_kv
-from .sampling import context_windows, ddim_schedule, sample_ddim, windowed_guidance
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from aa_trt.checkpoint import Models, load_checkpoint
+from aa_trt.errors import InputError, OptionError
+from aa_trt.guidance import Reduce, context_windows, make_plan, windowed_guidance
+from aa_trt.models.external import clip_pixels
+from aa_trt.models.layers import ReferenceState
+from aa_trt.models.reference_kv import ReferenceKV, compute_reference_kv
+from aa_trt.options import SampleOptions
+from aa_trt.sampling import SAMPLERS, ddim_schedule
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Animator:
         self.vae_dtype = vae_dtype_for(dtype)
         self.last_seed: int | None = None
         self._offloaded = False  # the conditioning models are on the CPU (see `offload`)
+        self.plan = None  # the last denoise's guidance.Plan (who computed which windows)
         self.set_options(offload=offload, compile=compile, cuda_graph=cuda_graph)
 
     @classmethod
@@ -87,13 +88,13 @@ class Animator:
           encoder and the VAE encoder to the CPU (denoising never runs them; the VAE decoder and
           the PoseGuider stay). They come back for the next video. On a CPU device: nothing moves.
         compile: torch.compile the denoising UNet's call in the denoise loop (each new shape
-          compiles on first use); a failure raises InputError suggesting to run without it.
+          compiles on first use); a failure raises OptionError(compile) saying to run without it.
         cuda_graph: replay the denoising UNet's call from CUDA graphs, one per input shape
           (aa_trt.cuda_graph); CUDA only. With `compile` too, the compiled call is captured.
         """
         if cuda_graph and self.device.type != "cuda":
-            raise InputError(f"CUDA graphs need a CUDA device; this run is on {self.device} "
-                             f"(drop --cuda-graph, or use --device cuda)")
+            raise OptionError("cuda_graph", True, f"needs a CUDA device (CUDA graphs replay GPU work); "
+                              f"this run is on {self.device}")
         options = (bool(offload), bool(compile), bool(cuda_graph))
         if options != getattr(self, "_options", None):
             self._options = options
@@ -104,12 +105,8 @@ class Animator:
     @torch.no_grad()
     def encode_clip(self, ref_image: Image.Image) -> torch.Tensor:
         """(1, D) image_embeds. Moore: PIL bicubic resize to 224x224, then CLIP's rescale/normalise."""
-        size = self.config.clip.get("image_size", 224)
-        img = ref_image.convert("RGB").resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-        x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-        x = x.permute(2, 0, 1)[None].to(self.device, self.dtype)
-        return self.models.image_encoder(pixel_values=x).image_embeds
+        x = clip_pixels([ref_image], self.config.clip.get("image_size", 224))
+        return self.models.image_encoder(pixel_values=x.to(self.device, self.dtype)).image_embeds
 
     @torch.no_grad()
     def encode_reference(self, ref_image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -241,7 +238,7 @@ class Animator:
             if self.compile:
                 call = _compiled(call)
             if self.cuda_graph:
-                from .cuda_graph import GraphedUNet
+                from aa_trt.cuda_graph import GraphedUNet
                 call = GraphedUNet(call)
             self._unet_call = call
         return self._unet_call
@@ -251,7 +248,7 @@ class Animator:
         f = self.config.latent_factor
         return (1, self.config.latent_channels, cond.num_frames, cond.height // f, cond.width // f)
 
-    def initial_latents(self, cond: Conditioning, seed: int | None) -> torch.Tensor:
+    def initial_latents(self, cond: Conditioning, seed: int | None = None) -> torch.Tensor:
         """(1, c, N, h, w) standard normal, drawn on the CPU so a seed gives the same video on
         every device (Moore draws with torch.Generator().manual_seed(seed) the same way)."""
         if seed is None:
@@ -259,23 +256,39 @@ class Animator:
         self.last_seed = seed
         return torch.randn(self.latent_shape(cond), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
-    def denoise(self, cond: Conditioning, latents: torch.Tensor, steps: int = 20, guidance: float = 3.5,
-                context_frames: int = 24, context_overlap: int = 4, context_schedule: str = "uniform",
-                window_batch: int = 1, callback=None, progress: bool = True) -> torch.Tensor:
-        """latents (1, c, N, h, w) float32 noise -> denoised latents, same shape."""
-        if context_frames > self.config.motion.max_len:
-            raise InputError(f"context_frames={context_frames} exceeds the motion modules' "
-                             f"maximum window of {self.config.motion.max_len} frames")
+    def sample_options(self, sample: SampleOptions | None = None, **overrides) -> SampleOptions:
+        """`sample` (default SampleOptions()) with `overrides` (its field names), checked against
+        this model: the options the loop runs (guidance resolved to a number)."""
+        return SampleOptions.build(sample, **overrides).resolve(self.config)
+
+    def denoise(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions | None = None, *,
+                callback=None, progress: bool = True, **overrides) -> torch.Tensor:
+        """latents (1, c, N, h, w) float32 noise -> denoised latents, same shape. `overrides`:
+        SampleOptions fields (`steps=4`) replacing those of `sample`."""
+        return self.run_denoise(cond, latents, self.sample_options(sample, **overrides),
+                                callback=callback, progress=progress)
+
+    def run_denoise(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions, *,
+                    callback=None, progress: bool = True, world: int = 1, rank: int = 0,
+                    parallel: str = "auto", reduce: Reduce | None = None) -> torch.Tensor:
+        """The one denoise path, for resolved options: this rank's share of a `world`-rank plan
+        (guidance.make_plan; one process: all of it), the shares summed by `reduce` each step."""
         from tqdm.auto import tqdm
 
-        windows = context_windows(cond.num_frames, context_frames, context_overlap, context_schedule)
-        schedule = ddim_schedule(self.config.scheduler, steps)
+        windows = context_windows(cond.num_frames, sample.context_frames, sample.context_overlap,
+                                  sample.context_schedule)
+        schedule = ddim_schedule(self.config.scheduler, sample.steps)
+        self.plan = make_plan(len(windows), world, rank, sample.cfg, parallel)
+        mine = len(self.plan.windows)
+        share = f"{mine}/{len(windows)} windows/step, {self.plan.describe()}" if world > 1 \
+            else f"{len(windows)} windows/step"
         # One bar over steps x windows: a long video's step takes long enough to want finer ticks.
-        with tqdm(total=len(schedule) * len(windows), desc=f"denoise ({len(windows)} windows/step)",
-                  unit="window", disable=not progress) as bar:
-            model = windowed_guidance(self.unet_step(cond), windows, guidance, window_batch, bar.update)
-            return sample_ddim(model, latents.to(self.device, torch.float32), schedule,
-                               callback=callback, disable=True)
+        with tqdm(total=len(schedule) * mine, desc=f"denoise ({share})", unit="window",
+                  disable=not progress) as bar:
+            model = windowed_guidance(self.unet_step(cond), windows, sample.guidance, sample.window_batch,
+                                      bar.update, plan=self.plan, reduce=reduce)
+            return SAMPLERS[sample.sampler](model, latents.to(self.device, torch.float32), schedule,
+                                            callback=callback, disable=True)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -298,41 +311,39 @@ class Animator:
         return frames
 
     # ------------------------------------------------------------------ all together
-    def __call__(self, ref_image: Image.Image, poses: np.ndarray, steps: int = 20, guidance: float | None = None,
-                 context_frames: int = 24, context_overlap: int = 4, seed: int | None = None,
-                 latents: torch.Tensor | None = None, output: str = "np", *, width: int | None = None,
-                 height: int | None = None, context_schedule: str = "uniform", window_batch: int = 1,
-                 decode_chunk: int | None = None, progress: bool = True, callback=None):
+    def __call__(self, ref_image: Image.Image, poses: np.ndarray, sample: SampleOptions | None = None, *,
+                 latents: torch.Tensor | None = None, output: str = "np", width: int | None = None,
+                 height: int | None = None, decode_chunk: int | None = None, progress: bool = True,
+                 callback=None, **overrides):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
-        size unless width/height are given). Returns float32 (N, H, W, 3) in [0, 1], or with
-        output="latent" the final latents (1, c, N, H/f, W/f). guidance None: the checkpoint's
-        declared scale (`config.guidance`; 3.5 for Moore's)."""
-        if guidance is None:
-            guidance = self.config.guidance
+        size unless width/height are given). `sample`: the SampleOptions (steps, guidance, windows,
+        seed...), `overrides` any of their fields by name (`anim(ref, poses, steps=4, seed=1)`);
+        guidance None is the checkpoint's declared scale (3.5 for Moore's). Returns float32
+        (N, H, W, 3) in [0, 1], or with output="latent" the final latents (1, c, N, H/f, W/f)."""
+        sample = self.sample_options(sample, **overrides)
         if output not in ("np", "latent"):
-            raise ValueError(f"output={output!r}: expected 'np' or 'latent'")
+            raise OptionError("output", output, "expected 'np' or 'latent'")
         cond = self.prepare(ref_image, poses, width, height)
         shape = self.latent_shape(cond)
         if latents is None:
-            latents = self.initial_latents(cond, seed)
+            latents = self.initial_latents(cond, sample.seed)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
-        out = self.denoise(cond, latents, steps, guidance, context_frames, context_overlap,
-                           context_schedule, window_batch, callback, progress)
+        out = self.run_denoise(cond, latents, sample, callback=callback, progress=progress)
         if output == "latent":
             return out
         return self.decode(out, decode_chunk, progress)
 
 
-def _compile_error(e: BaseException) -> InputError:
+def _compile_error(e: BaseException) -> OptionError:
     lines = str(e).strip().splitlines()
     why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-    return InputError(f"--compile: torch.compile failed ({why}); run without --compile")
+    return OptionError("compile", True, f"torch.compile failed ({why}); run without it")
 
 
 def _compiled(unet: torch.nn.Module):
     """torch.compile(unet) (static shapes: each window shape compiles once, as CUDA graphs key
-    them), whose compilation failures (at the first call of each shape) become one InputError."""
+    them), whose compilation failures (at the first call of each shape) become one OptionError."""
     try:
         import torch._dynamo
 

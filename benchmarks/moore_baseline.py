@@ -24,7 +24,8 @@ from PIL import Image
 from aa_trt.models.layers import ReferenceState, TransformerBlock
 from aa_trt.models.reference_kv import quantize_bank
 from aa_trt.pipeline import Animator
-from aa_trt.sampling import context_windows, ddim_schedule, sample_ddim, windowed_guidance
+from aa_trt.guidance import context_windows, windowed_guidance
+from aa_trt.sampling import ddim_schedule, sample_ddim
 
 
 @dataclass

@@ -22,7 +22,8 @@ from aa_trt.config import ModelConfig
 from aa_trt.models import UNet
 from aa_trt.models.reference_kv import compute_reference_kv
 from aa_trt.pipeline import Animator, Conditioning
-from aa_trt.sampling import context_windows, ddim_schedule, ddim_step, windowed_guidance
+from aa_trt.guidance import context_windows, windowed_guidance
+from aa_trt.sampling import ddim_schedule, ddim_step
 
 from .moore_baseline import (MooreConditioning, moore_banks, moore_denoise, moore_prepare,
                              moore_unet_step)
@@ -162,7 +163,7 @@ def pipeline_pair(animator: Animator, frames: int, height: int, width: int, step
     def ours():
         clock = clocks["ours"]
         cond = clock("conditioning", lambda: animator.prepare(ref, poses))
-        out = clock("denoising", lambda: animator.denoise(cond, latents, steps, guidance, progress=False))
+        out = clock("denoising", lambda: animator.denoise(cond, latents, steps=steps, guidance=guidance, progress=False))
         return out if output == "latent" else clock("decoding", lambda: animator.decode(out))
 
     def moore():

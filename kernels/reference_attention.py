@@ -146,13 +146,30 @@ def _flags(use_reference, b: int, device) -> torch.Tensor:
 
 
 def tile_candidates(d: int, n_q: int) -> list[Tiles]:
-    """Launch configurations in order of preference (FlashAttention-2-like defaults, not tuned on
-    a GPU); `choose_tiles` takes the first that fits the device's shared memory."""
+    """Launch configurations in order of preference; `choose_tiles` takes the first that fits.
+
+    1. FlashAttention-2-like tiles (not timed on a GPU): 128 query rows up to d = 80, 64 above;
+       64 keys a step; 8 warps where the query tile is 128 rows or d > 80 (4 warps at d = 40
+       spill on sm_89 and sit at 255 registers on sm_80: `python -m aa_trt.kernels.aot`);
+       3 stages up to d = 80, 2 above.
+    2. Above d = 80, the same tiles single-buffered (K/V not pipelined): d = 160 then fits the
+       99 KiB of sm_86/sm_89/sm_120 (the first choice's estimate does not). Up to d = 80 the
+       first choice fits every card with 64 KiB or more, and the single-buffered 128-row tile
+       would spill on sm_80 at d = 40.
+    3. A small last resort (64 x 32, 4 warps, 1 stage): fits the 48 KiB every card has, up to
+       d = 160.
+    """
     block_m = 128 if d <= 80 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(n_q)))
-    first = Tiles.of(4 if d <= 64 else 8, 3 if d <= 80 else 2, BLOCK_M=block_m, BLOCK_N=64)
-    fallback = Tiles.of(4, 1, BLOCK_M=min(block_m, 64), BLOCK_N=32)
-    return [first] + ([fallback] if fallback != first else [])
+    warps = 8 if block_m >= 128 or d > 80 else 4
+    first = Tiles.of(warps, 3 if d <= 80 else 2, BLOCK_M=block_m, BLOCK_N=64)
+    single = Tiles.of(warps, 1, BLOCK_M=block_m, BLOCK_N=64)
+    small = Tiles.of(4, 1, BLOCK_M=min(block_m, 64), BLOCK_N=32)
+    out: list[Tiles] = []
+    for t in (first, single if d > 80 else first, small):
+        if t not in out:
+            out.append(t)
+    return out
 
 
 def shared_estimate(d: int, dtype: torch.dtype, tiles: Tiles) -> int:

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from aa_trt.kernels._common import Launch, check_tokens, dot_precision, head_dim_chunks, upcast_dots
+from aa_trt.kernels._common import (Launch, check_tokens, dot_precision, head_dim_chunks,
+                                   is_interpreted, upcast_dots)
 from aa_trt.kernels.resources import Tiles, capability, choose, element_size
 
 LOG2E = 1.4426950408889634
@@ -106,6 +107,11 @@ def _temporal_attention_kernel(
                          stride_vf, stride_bf, b1, m1, HAS_BIAS, UPCAST)
         o1 = tl.dot(p, v1, input_precision=PREC) * inv_l[:, :, None]
         tl.store(o_rows + D0 + offs_d1[None, None, :], o1.to(out_ty), mask=m1)
+
+
+def interpreting() -> bool:
+    """True when this module's kernels run in Triton's CPU interpreter."""
+    return is_interpreted(_temporal_attention_kernel)
 
 
 def _block_p(block_f: int, d: int) -> int:

@@ -19,8 +19,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from aa_trt.cli import main as cli
-from aa_trt.distributed import make_plan
-from aa_trt.sampling import context_windows
+from aa_trt.guidance import context_windows, make_plan
 from helpers import save_tiny_checkpoint
 from media import make_reference, make_video, probe, stick_frames
 
@@ -85,11 +84,12 @@ def _worker(rank, world, port, ckpt, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), AA_TRT_DIST_TIMEOUT="120")
     torch.set_num_threads(1)
-    from aa_trt import distributed as D
+    from aa_trt import dist as D
+    from aa_trt.distributed import DistributedAnimator
     from aa_trt.errors import InputError
 
     started = D.init_process_group("cpu")
-    load = D.DistributedAnimator.from_pretrained if rank == 0 else D.DistributedAnimator.follower
+    load = DistributedAnimator.from_pretrained if rank == 0 else DistributedAnimator.follower
     anim = load(ckpt)
     assert (anim.models.vae is None) == (rank > 0)  # followers hold the denoising UNet only
     out = {}
@@ -301,7 +301,7 @@ def _states(status_dir: Path) -> dict:
 def test_batch_bad_jobs_are_recorded_and_the_rest_runs(media, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"
     good = {"ref": str(media["ref"]), "driving": str(media["dance"]), "output": "good.mp4", "pose_video": True,
-            "steps": 1, "context_frames": 4, "frames": 4}
+            "steps": 1, "context_frames": 4, "context_overlap": 1, "frames": 4}
     jobs.write_text("\n".join([
         json.dumps({**good, "ref": "missing.png", "output": "bad.mp4"}),
         "{not json",

@@ -14,7 +14,7 @@ from PIL import Image
 from aa_trt import Animator
 from aa_trt.cli import main as cli
 from aa_trt.models.reference_kv import project_banks
-from aa_trt.sampling import uniform_windows
+from aa_trt.guidance import uniform_windows
 from helpers import FIXTURE, max_abs, needs_fixture
 
 pytestmark = needs_fixture

@@ -92,9 +92,9 @@ def test_bad_inputs(files, tmp_path, capsys):
 def test_speed_flags(files, tmp_path, capsys, monkeypatch):
     ref, dance = str(files["ref"]), str(files["dance"])
     ck = ["--ckpt", str(files["ckpt"]), "--pose-video", "--steps", "1", "--quiet"]
-    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--cuda-graph"], "--cuda-graph needs --device cuda")
+    _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--cuda-graph"], "--cuda-graph: needs a CUDA device")
     _bad(tmp_path, capsys, ["run", ref, dance, *ck, "--engine", str(tmp_path), "--compile"],
-         "apply to the torch backend")
+         "--compile: applies to the torch backend")
     import aa_trt.run
     seen = []
     monkeypatch.setattr(aa_trt.run, "run", lambda opts, *a, **k: seen.append(opts) or {})
@@ -151,7 +151,7 @@ def person(files):
 def test_end_to_end_with_extraction_and_alignment(files, person, tmp_path, capsys):
     out = tmp_path / "astro_out.mp4"
     rc = cli(["run", str(person["ref"]), str(person["dance"]), "-o", str(out), "--ckpt", str(files["ckpt"]),
-              "--steps", "1", "--context-frames", "4", "--quiet", "--json", "--seed", "0"])
+              "--steps", "1", "--context-frames", "4", "--context-overlap", "1", "--quiet", "--json", "--seed", "0"])
     assert rc == 0, capsys.readouterr().err
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"pose_source": "BlazePoseExtractor"' in line and '"frames_with_person": 4' in line

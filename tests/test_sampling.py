@@ -6,8 +6,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from aa_trt.config import SchedulerConfig
-from aa_trt.sampling import (WindowIndexCache, alphas_cumprod, ddim_schedule, ddim_step, sample_ddim,
-                             sliding_windows, uniform_windows, window_counts, windowed_guidance)
+from aa_trt.guidance import (WindowIndexCache, sliding_windows, uniform_windows, window_counts,
+                             windowed_guidance)
+from aa_trt.sampling import alphas_cumprod, ddim_schedule, ddim_step, sample_ddim
 from helpers import FIXTURE, needs_fixture
 
 MOORE = SchedulerConfig()  # inference_v2: linear, v_prediction, zero-SNR, trailing

@@ -12,7 +12,7 @@ from PIL import Image
 
 from aa_trt import Animator
 from aa_trt.errors import InputError
-from aa_trt.sampling import context_windows
+from aa_trt.guidance import context_windows
 from helpers import max_abs, save_tiny_checkpoint
 
 CUDA = torch.cuda.is_available()
@@ -128,9 +128,10 @@ def test_compile_failure_is_one_input_error(ckpt, monkeypatch):
     anim = Animator.from_pretrained(ckpt, compile=True)
     ref, poses = _inputs(n=2)
     monkeypatch.setattr(torch, "compile", broken_backend)
-    with pytest.raises(InputError, match="run without --compile") as e:
+    with pytest.raises(InputError, match="^compile=True: torch.compile failed.*run without it") as e:
         anim(ref, poses, **KW)
     assert "\n" not in str(e.value) and "backend exploded" in str(e.value)
+    assert e.value.as_flag().startswith("--compile: torch.compile failed")  # what the CLI prints
 
     def unsupported(module, **kw):
         raise RuntimeError("torch.compile is not supported on this Python")
@@ -138,13 +139,13 @@ def test_compile_failure_is_one_input_error(ckpt, monkeypatch):
     monkeypatch.setattr(torch, "compile", unsupported)
     anim.set_options(compile=False)
     anim.set_options(compile=True)  # a fresh compiled call
-    with pytest.raises(InputError, match="not supported on this Python.*run without --compile"):
+    with pytest.raises(InputError, match="not supported on this Python.*run without it"):
         anim(ref, poses, **KW)
 
 
 # ------------------------------------------------------------------------------ CUDA graphs
 def test_cuda_graph_refused_off_cuda(ckpt):
-    with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
+    with pytest.raises(InputError, match="^cuda_graph=True: needs a CUDA device"):
         Animator.from_pretrained(ckpt, cuda_graph=True)
 
 

@@ -20,15 +20,8 @@ import torch
 from PIL import Image
 
 from aa_trt.errors import InputError
-from aa_trt.pipeline import CLIP_MEAN, CLIP_STD
-
-
-def write_json(path, obj) -> None:
-    """Write a meta/result JSON file atomically (a temporary name beside it, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+from aa_trt.files import write_json
+from aa_trt.models.external import clip_pixels
 
 
 @dataclass
@@ -129,17 +122,6 @@ def sample_batch(videos: VideoSet, rng: np.random.Generator, batch: int, frames:
         tgts.append(v.frames[idx])
         poses.append(v.poses[idx])
     return PixelBatch(np.stack(refs), np.stack(tgts), np.stack(poses))
-
-
-def clip_pixels(images: np.ndarray, size: int = 224) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> (B, 3, size, size) normalised as `Animator.encode_clip` does
-    (a plain bicubic resize to size x size), so training and inference see the same input."""
-    out = []
-    for im in images:
-        img = Image.fromarray(im).resize((size, size), Image.BICUBIC)
-        out.append(np.asarray(img, dtype=np.float32) / 255.0)
-    x = (torch.from_numpy(np.stack(out)) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def to_unit(a: np.ndarray) -> torch.Tensor:

@@ -36,6 +36,26 @@ def build_clip(cfg: dict) -> nn.Module:
     return CLIPVisionModelWithProjection(config)
 
 
+# CLIP's image normalisation (OpenAI's statistics, as sd-image-variations' processor uses them).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images, size: int = 224) -> torch.Tensor:
+    """PIL images or uint8 (H, W, 3) arrays -> CLIP's pixel_values (B, 3, size, size) float32:
+    Moore's preprocessing, a PIL bicubic resize to size x size, then rescale and normalise."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in images:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        out.append(np.asarray(im, dtype=np.float32) / 255.0)
+    x = (torch.from_numpy(np.stack(out)) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
 def restore_nonpersistent_buffers(module: nn.Module, device) -> None:
     """Models built on the meta device keep their non-persistent buffers there; rebuild the known
     ones (CLIP's position_ids) and refuse anything else rather than compute with meta tensors."""

@@ -9,37 +9,23 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .keypoints import Pose
+from aa_trt.pose.keypoints import Pose, load_poses, save_poses
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the saved-pose format of keypoints.save_poses
 
 
 def make_extractor(dwpose_dir=None):
     """DWPose when the user gives its ONNX files, else the offline default (BlazePose)."""
     if dwpose_dir is not None:
-        from .dwpose import DWPoseExtractor
+        from aa_trt.pose.dwpose import DWPoseExtractor
         return DWPoseExtractor(dwpose_dir)
-    from .blazepose import BlazePoseExtractor
+    from aa_trt.pose.blazepose import BlazePoseExtractor
     return BlazePoseExtractor()
 
 
 def cache_dir() -> Path:
     root = os.environ.get("AA_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aa-trt"
     return Path(root) / "poses"
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(path.iterdir()):
-            if p.is_file():
-                h.update(p.name.encode())
-                h.update(file_digest(p).encode())
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_video(extractor, frames: Sequence[np.ndarray], cache_key: str | None = None,
@@ -53,11 +39,9 @@ def extract_video(extractor, frames: Sequence[np.ndarray], cache_key: str | None
         path = cache_dir() / f"{key}.npz"
         if path.is_file():
             try:
-                with np.load(path) as z:
-                    arr, found, size = z["poses"], z["found"], z["size"]
-                if len(arr) == len(frames):
-                    return [Pose.from_array(a, int(size[0]), int(size[1])) if ok else None
-                            for a, ok in zip(arr, found)]
+                cached = load_poses(path)
+                if len(cached) == len(frames):
+                    return cached
             except (OSError, KeyError, ValueError):
                 pass  # a broken cache entry is recomputed
     bar = tqdm(total=len(frames), desc="pose", unit="frame", disable=not progress)
@@ -71,9 +55,5 @@ def extract_video(extractor, frames: Sequence[np.ndarray], cache_key: str | None
     bar.close()
     if path is not None:
         h, w = frames[0].shape[:2]
-        arr = np.stack([p.to_array() if p is not None else np.zeros((128, 3), np.float32) for p in poses])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, poses=arr, found=np.array([p is not None for p in poses]), size=np.array([w, h]))
-        os.replace(tmp, path)
+        save_poses(path, poses, w, h)
     return poses

@@ -43,3 +43,24 @@ class Pose:
     def from_array(cls, a: np.ndarray, width: int, height: int, score: float = 1.0) -> "Pose":
         a = np.asarray(a, np.float32)
         return cls(width, height, a[:18].copy(), a[18:60].reshape(2, 21, 3).copy(), a[60:128].copy(), score)
+
+
+# ---------------------------------------------------------------------------------- saved poses
+# One saved-pose format for the extraction cache and `aa-trt data prepare`: an npz with
+#   keypoints (N, 128, 3) float32 (Pose.to_array; zeros where nobody was found),
+#   found (N,) bool, size (2,) int: the (width, height) of the frames they were found in.
+def save_poses(path, poses: "list[Pose | None]", width: int, height: int) -> None:
+    """Atomically (a killed write leaves nothing under `path`)."""
+    from aa_trt.files import atomic_output
+
+    arr = np.stack([p.to_array() if p is not None else np.zeros((128, 3), np.float32) for p in poses])
+    with atomic_output(path, make_parent=True) as tmp:
+        np.savez(tmp, keypoints=arr, found=np.array([p is not None for p in poses]),
+                 size=np.array([width, height]))
+
+
+def load_poses(path) -> "list[Pose | None]":
+    """What `save_poses` wrote (KeyError/ValueError/OSError for anything else)."""
+    with np.load(path) as z:
+        arr, found, size = z["keypoints"], z["found"], z["size"]
+    return [Pose.from_array(a, int(size[0]), int(size[1])) if ok else None for a, ok in zip(arr, found)]

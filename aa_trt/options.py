@@ -1,0 +1,112 @@
+"""`SampleOptions`: every setting of the denoise loop, in one frozen value that checks itself.
+
+The CLI (`run`, `batch` jobs), the Python API (`Animator.denoise` / `__call__`), the torchrun
+broadcast and the engine backends all carry this one object; nothing downstream re-checks its
+values. What can be checked without a model is checked on construction; what depends on the
+model (steps <= its training timesteps, a window within its motion modules' table, the guidance
+scale it declares) is checked by `resolve(config)`, which returns the copy the loop runs.
+Every bad value raises `OptionError` naming the parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+from aa_trt.errors import OptionError
+
+CONTEXT_SCHEDULES = ("uniform", "sliding")
+MAX_SEED = 2**63 - 1
+
+
+def _int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(name, value, "must be a whole number")
+    if value < low or (high is not None and value > high):
+        raise OptionError(name, value, f"must be in {low}..{high}" if high is not None else f"must be >= {low}")
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionError(name, value, f"expected one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How a video is denoised.
+
+    steps: sampler steps (the UNet runs `steps` times per window and branch).
+    guidance: classifier-free guidance scale; None takes the checkpoint's declared one; <= 1 runs
+      the cond branch only (no CFG, as Moore).
+    sampler: the sampling method, a name in `aa_trt.sampling.SAMPLERS`.
+    context_frames / context_overlap / context_schedule: the context windows (Moore's uniform
+      closed loop, or sliding windows that never wrap).
+    window_batch: context windows per UNet call.
+    seed: seed of the initial noise (drawn on the CPU); None draws one.
+    """
+
+    steps: int = 20
+    guidance: float | None = None
+    sampler: str = "ddim"
+    context_frames: int = 24
+    context_overlap: int = 4
+    context_schedule: str = "uniform"
+    window_batch: int = 1
+    seed: int | None = None
+
+    def __post_init__(self):
+        _int("steps", self.steps, 1)
+        if self.guidance is not None:
+            g = self.guidance
+            if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+                raise OptionError("guidance", g, "must be a finite number >= 0")
+            object.__setattr__(self, "guidance", float(self.guidance))
+        from aa_trt.sampling import SAMPLERS  # torch, imported when first needed
+
+        _choice("sampler", self.sampler, tuple(SAMPLERS))
+        _int("context_frames", self.context_frames, 1)
+        _int("context_overlap", self.context_overlap, 0)
+        if self.context_overlap >= self.context_frames:
+            raise OptionError("context_overlap", self.context_overlap,
+                              f"must be smaller than context_frames ({self.context_frames})")
+        _choice("context_schedule", self.context_schedule, CONTEXT_SCHEDULES)
+        _int("window_batch", self.window_batch, 1)
+        if self.seed is not None:
+            _int("seed", self.seed, 0, MAX_SEED)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def build(cls, base: "SampleOptions | None" = None, **overrides) -> "SampleOptions":
+        """`base` (or the defaults) with the given fields replaced; unknown names are refused."""
+        unknown = set(overrides) - set(cls.fields())
+        if unknown:
+            name = sorted(unknown)[0]
+            raise OptionError(name, overrides[name], f"not a sampling option (those are: {', '.join(cls.fields())})")
+        base = base if base is not None else cls()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    def replace(self, **kw) -> "SampleOptions":
+        return self.build(self, **kw)
+
+    def resolve(self, config) -> "SampleOptions":
+        """Checked against a model's config (aa_trt.config.ModelConfig); guidance filled in."""
+        T = config.scheduler.num_train_timesteps
+        if self.steps > T:
+            raise OptionError("steps", self.steps, f"must be in 1..{T} (the model's training timesteps)")
+        limit = config.motion.max_len
+        if self.context_frames > limit:
+            raise OptionError("context_frames", self.context_frames,
+                              f"exceeds the motion modules' maximum window of {limit} frames")
+        return self if self.guidance is not None else dataclasses.replace(self, guidance=float(config.guidance))
+
+    @property
+    def cfg(self) -> bool:
+        """Whether both guidance branches run (only meaningful once resolved)."""
+        return self.guidance is not None and self.guidance > 1.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
