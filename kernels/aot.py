@@ -357,7 +357,9 @@ def _cell(rec: dict | None) -> str:
     if not rec["compiled"]:
         return "**error**"
     spill = f" **spill {rec['spill_bytes']} B**" if rec["spill_bytes"] else ""
-    return f"{rec['registers']} / {rec['shared_bytes'] / 1024:.1f}{spill}"
+    sh = rec["shared_bytes"]
+    shared = f"{sh} B" if sh < 1024 else f"{sh / 1024:g} KiB"
+    return f"{rec['registers']} / {shared}{spill}"
 
 
 def markdown(records: list[dict], archs: list[int]) -> str:
@@ -366,7 +368,7 @@ def markdown(records: list[dict], archs: list[int]) -> str:
     for r in records:
         if r["chosen"]:
             rows.setdefault((r["kernel"], r["shape"], r["dtype"]), {})[r["arch"]] = r
-    head = ["kernel", "shape", "dtype", "config (chosen)"] + [f"sm_{a} regs / smem KiB" for a in archs]
+    head = ["kernel", "shape", "dtype", "config (chosen)"] + [f"sm_{a} regs / shared" for a in archs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (kernel, shape, dtype), by_arch in rows.items():
         configs = sorted({r["config"] for r in by_arch.values()})
