@@ -273,7 +273,11 @@ def compile_launch(launch, cc: int) -> dict:
         else:
             out.update(registers=int(regs), spill_bytes=int(compiled.n_spills), ptxas="driver")
     except Exception as e:  # a compile error is a result: reported, not raised
-        out["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
+        root = e
+        while root.__cause__ is not None:  # Triton wraps the cause in the source excerpt
+            root = root.__cause__
+        text = f"{type(e).__name__}: {str(e).strip()[-1500:]}"
+        out["error"] = text if root is e else f"{type(root).__name__}: {str(root).strip()[:500]} | {text}"
     out["seconds"] = round(time.perf_counter() - t0, 2)
     _COMPILED[key] = out
     return dict(out, cached=False)
@@ -323,14 +327,31 @@ def targets(shapes: Iterable[Shape] | None = None, archs: Iterable[int] = resour
     return [Target(s, dt, cc) for s in shapes for dt in dtypes for cc in archs]
 
 
-def run(tgts: Iterable[Target], *, all_candidates: bool = True, progress=None) -> list[dict]:
+def interpreter_on() -> bool:
+    """Whether this process runs Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def run(tgts: Iterable[Target], *, all_candidates: bool = True, progress=None,
+        isolate: bool | None = None, only: Tiles | None = None) -> list[dict]:
     """Compile each target's chosen configuration (and, with all_candidates, every other one that
-    survives pruning); one record per compiled configuration."""
+    survives pruning); one record per compiled configuration. `only`: compile that configuration
+    instead (for experiments and tests).
+
+    isolate (default: when TRITON_INTERPRET=1 is set here, as in the CPU test session): compile
+    in a fresh Python process without it. A process that has run interpreted kernels cannot
+    compile reliably any more (the interpreter patches triton.language while kernels run; a
+    compile afterwards fails with "'value' object has no attribute 'data'")."""
+    tgts = list(tgts)
+    if isolate is None:
+        isolate = interpreter_on()
+    if isolate:
+        return _run_in_child(tgts, all_candidates, only)
     records = []
     for t in tgts:
         mod, chosen = plan_shape(t.shape, t.dtype, t.cc)
         fitting, estimate = candidates(mod, t.shape, t.dtype, t.cc)
-        tiles_list = fitting if all_candidates else [chosen.meta["tiles"]]
+        tiles_list = [only] if only else fitting if all_candidates else [chosen.meta["tiles"]]
         for tiles in tiles_list:
             _, launch = plan_shape(t.shape, t.dtype, t.cc, tiles)
             rec = {"kernel": t.shape.kernel, "shape": t.shape.label, "sizes": t.shape.sizes,
@@ -348,6 +369,25 @@ def run(tgts: Iterable[Target], *, all_candidates: bool = True, progress=None) -
             if progress:
                 progress(rec)
     return records
+
+
+def _run_in_child(tgts: list[Target], all_candidates: bool, only: Tiles | None) -> list[dict]:
+    import pickle
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", "from aa_trt.kernels.aot import _child; _child()"],
+                          input=pickle.dumps((tgts, all_candidates, only)), capture_output=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"the compile process failed ({proc.returncode}):\n"
+                           f"{proc.stderr.decode(errors='replace')[-4000:]}")
+    return pickle.loads(proc.stdout)
+
+
+def _child() -> None:
+    import pickle
+    tgts, all_candidates, only = pickle.loads(sys.stdin.buffer.read())
+    records = run(tgts, all_candidates=all_candidates, isolate=False, only=only)
+    sys.stdout.buffer.write(pickle.dumps(records))
 
 
 # ---------------------------------------------------------------------------------- report
