@@ -49,9 +49,9 @@ def get_backend() -> str:
 def _kernels():
     """The kernel modules, or None where triton does not import (imported on first use only)."""
     try:
-        from .kernels import groupnorm_silu as gn_kernel
-        from .kernels import reference_attention as ref_kernel
-        from .kernels import temporal_attention as temporal_kernel
+        from aa_trt.kernels import groupnorm_silu as gn_kernel
+        from aa_trt.kernels import reference_attention as ref_kernel
+        from aa_trt.kernels import temporal_attention as temporal_kernel
     except ImportError:
         return None
     return ref_kernel, temporal_kernel, gn_kernel

@@ -6,7 +6,7 @@ relative to the jobs file's folder. Job i (0-based, blank lines and lines starti
 counted) runs on rank i % world; each rank runs its jobs one after another in one process.
 
 A job whose output exists is skipped: that is what makes a batch resumable (outputs appear only
-when complete, see video.atomic_output). Each job's state goes to its own file,
+when complete, see files.atomic_output). Each job's state goes to its own file,
 JOBS.status/job-00000.json (written atomically, so no locking between processes): running, done,
 skipped, failed (with the error) or interrupted. A failed job does not stop the batch; it runs
 again on the next start (it has no output). The exit code is 1 if any job failed.

@@ -16,10 +16,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import CheckpointError, first_keys
-from .models import PoseGuider, UNet
-from .models.external import build_clip, build_vae, restore_nonpersistent_buffers
+from aa_trt.config import ModelConfig
+from aa_trt.errors import CheckpointError, first_keys
+from aa_trt.files import atomic_output
+from aa_trt.models import PoseGuider, UNet
+from aa_trt.models.external import build_clip, build_vae, restore_nonpersistent_buffers
 
 FORMAT = "aa-trt"
 FORMAT_VERSION = 1
@@ -97,21 +98,13 @@ def save_checkpoint(path, config: ModelConfig, state_dicts: Mapping[str, Mapping
             tensors[f"{comp}.{k}"] = v.contiguous()
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config.to_json(),
             "provenance": json.dumps(provenance or {}, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path, fsync=True, make_parent=True) as tmp:  # on disk before it is visible
         save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
-            os.fsync(fh.fileno())
         # safetensors creates its file owner-only (0600); a checkpoint gets the mode any new file
         # would (0644 under the usual umask), so other users and containers can read it.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -15,9 +15,9 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import build_models, check_state_dict, save_checkpoint
-from .config import ModelConfig, MotionConfig, PoseGuiderConfig, SchedulerConfig, UNetConfig
-from .errors import CheckpointError, InputError, first_keys
+from aa_trt.checkpoint import build_models, check_state_dict, save_checkpoint
+from aa_trt.config import ModelConfig, MotionConfig, PoseGuiderConfig, SchedulerConfig, UNetConfig
+from aa_trt.errors import CheckpointError, InputError, first_keys
 
 MOORE_FILES = ("denoising_unet.pth", "reference_unet.pth", "motion_module.pth", "pose_guider.pth")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.layers import ReferenceState
+from aa_trt.models.layers import ReferenceState
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from aa_trt.errors import InputError
+from aa_trt.files import atomic_output
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FOLDER_FPS = 30.0
@@ -110,23 +111,6 @@ def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) ->
         raise InputError(f"{bad}: size differs from the folder's first frame {size[1]}x{size[0]}")
     fps = FOLDER_FPS / stride
     return Clip(frames, fps, 0.0, len(frames) / fps, None)
-
-
-@contextlib.contextmanager
-def atomic_output(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the block completes."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: output folder does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{path.parent}: output folder is not writable")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path | None = None,

@@ -34,7 +34,8 @@ def graphs(tiny_animator, tmp_path_factory):
 def test_graph_speed(benchmark, graphs, name, one_thread, rounds, record):
     folder, specs = graphs
     spec = specs[name]
-    inputs = list(spec.sample_inputs("max").values())
+    named = spec.sample_inputs("max")
+    inputs = list(named.values())
     session = OrtGraph(folder / f"{name}.onnx", threads=1)
     module = spec.module.eval()
 
@@ -42,7 +43,7 @@ def test_graph_speed(benchmark, graphs, name, one_thread, rounds, record):
         with torch.no_grad():
             return module(*inputs)
 
-    s = compare(benchmark, lambda: session(*inputs), eager, rounds).summary()
+    s = compare(benchmark, lambda: session(**named), eager, rounds).summary()
     dims = spec.point("max")
     benchmark.extra_info.update(s, dims=dims)
     record(f"onnxruntime vs torch: {name} (tiny, 64x64, {dims}, CPU fp32, 1 thread)", s["ours_median_s"], "s",

@@ -13,11 +13,12 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
-from ..checkpoint import load_checkpoint
-from . import manifest as mf
-from .graphs import GRAPHS, BuildShapes, graph_specs
-from .onnx_io import DEFAULT_OPSET, ExportError, check_graph, compare, data_file, export_graph, ort_session
+from aa_trt import __version__
+from aa_trt.checkpoint import load_checkpoint
+from aa_trt.files import file_sha256
+from aa_trt.export import manifest as mf
+from aa_trt.export.graphs import GRAPHS, BuildShapes, graph_specs
+from aa_trt.export.onnx_io import DEFAULT_OPSET, ExportError, check_graph, compare, data_file, export_graph, ort_session
 
 
 def _files(out_dir: Path, name: str) -> dict[str, int]:
@@ -64,7 +65,7 @@ def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int =
         raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {', '.join(GRAPHS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sha = mf.file_sha256(checkpoint)
+    sha = file_sha256(checkpoint)
     log(f"checkpoint {checkpoint.name}: sha256 {sha[:12]} ({time.perf_counter() - t0:.1f} s)")
     models = load_checkpoint(checkpoint, dtype=torch.float32)
     specs = graph_specs(models, shapes)
@@ -93,7 +94,7 @@ def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int =
         mf.write_manifest(out_dir, manifest)
 
     if tensorrt != "off":
-        from . import tensorrt as trt_build
+        from aa_trt.export import tensorrt as trt_build
 
         reason = trt_build.unavailable()
         if reason is None:

@@ -13,13 +13,29 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import Models
-from ..models.layers import TransformerBlock
-from ..models.unet import UNet
-from . import wrappers
+from aa_trt.checkpoint import Models
+from aa_trt.export import wrappers
+from aa_trt.models.layers import TransformerBlock
+from aa_trt.models.unet import UNet
 
 GRAPHS = ("clip", "vae_encoder", "vae_decoder", "pose_guider", "reference_kv", "unet_cond",
           "unet_uncond")
+# Every graph's tensor names: the one declaration that the export (graph_specs, below) and the
+# runtimes (aa_trt.backends.graphs, which bind every tensor by name, never by position) read.
+# The K/V cache (kv_name: k0, v0, k1, v1, ...) follows: reference_kv's outputs, unet_cond's inputs.
+UNET_INPUTS = ("latents", "timestep", "pose", "context")
+INPUTS = {"clip": ("pixel_values",), "vae_encoder": ("image",), "vae_decoder": ("latents",),
+          "pose_guider": ("frames",), "reference_kv": ("ref_latent", "context"),
+          "unet_cond": UNET_INPUTS, "unet_uncond": UNET_INPUTS}
+OUTPUTS = {"clip": ("image_embeds",), "vae_encoder": ("latent",), "vae_decoder": ("image",),
+           "pose_guider": ("features",), "reference_kv": (), "unet_cond": ("prediction",),
+           "unet_uncond": ("prediction",)}
+KV_INPUTS, KV_OUTPUTS = ("unet_cond",), ("reference_kv",)
+
+
+def kv_name(kind: str, block: int) -> str:
+    """The K/V cache's tensor names: k0, v0, k1, v1, ... (reference_kv's outputs, unet_cond's inputs)."""
+    return f"{kind}{block}"
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,7 @@ def kv_specs(unet: UNet) -> list[TensorSpec]:
     for block, level in zip(unet.transformer_blocks(), block_levels(unet)):
         c = block.attn1.to_k.out_features
         axis = Axis(f"tokens{block.index}", _tokens(level))
-        out += [TensorSpec(f"k{block.index}", (1, axis, c)), TensorSpec(f"v{block.index}", (1, axis, c))]
+        out += [TensorSpec(kv_name("k", block.index), (1, axis, c)), TensorSpec(kv_name("v", block.index), (1, axis, c))]
     return out
 
 
@@ -199,32 +215,42 @@ def graph_specs(models: Models, shapes: BuildShapes) -> dict[str, GraphSpec]:
     pred = (TensorSpec("prediction", (rows, cfg.unet.out_channels, "h", "w")),)
     unet = models.denoising_unet
     specs = [
-        GraphSpec("clip", wrappers.ClipVision(models.image_encoder),
+        GraphSpec("clip", wrappers.ClipExport(models.image_encoder),
                   (TensorSpec("pixel_values", (1, 3, clip_size, clip_size)),),
                   (TensorSpec("image_embeds", (1, embed)),), {}),
-        GraphSpec("vae_encoder", wrappers.VaeEncoder(models.vae, cfg.latent_scale),
+        GraphSpec("vae_encoder", wrappers.VaeEncoderExport(models.vae, cfg.latent_scale),
                   (TensorSpec("image", (1, 3, "H", "W"), ("uniform", -1.0, 1.0)),),
                   (TensorSpec("latent", (1, lat, "h", "w")),), {**px, **spatial}),
-        GraphSpec("vae_decoder", wrappers.VaeDecoder(models.vae, cfg.latent_scale),
+        GraphSpec("vae_decoder", wrappers.VaeDecoderExport(models.vae, cfg.latent_scale),
                   (TensorSpec("latents", ("batch", lat, "h", "w")),),
                   (TensorSpec("image", ("batch", 3, "H", "W")),),
                   {"batch": (1, shapes.decode_chunk, shapes.decode_chunk), **spatial, **px}),
-        GraphSpec("pose_guider", wrappers.PoseFeatures(models.pose_guider),
+        GraphSpec("pose_guider", wrappers.PoseGuiderExport(models.pose_guider),
                   (TensorSpec("frames", ("batch", 3, "H", "W"), ("uniform", 0.0, 1.0)),),
                   (TensorSpec("features", ("batch", c0, "h", "w")),),
                   {"batch": (1, shapes.pose_chunk, shapes.pose_chunk), **px, **spatial}),
-        GraphSpec("reference_kv", wrappers.ReferenceKVNet(models.reference_unet, unet, cfg.bank_dtype),
+        GraphSpec("reference_kv", wrappers.ReferenceKVExport(models.reference_unet, unet, cfg.bank_dtype),
                   (TensorSpec("ref_latent", (1, lat, "h", "w")), TensorSpec("context", (1, 1, ctx_dim))),
                   tuple(kv_specs(unet)), dict(spatial),
                   # The bank is rounded to fp16 before the projection (Moore): a 1e-7 difference
                   # upstream can flip one rounding, a 1e-3 relative step, before to_k/to_v.
                   tolerance=1e-3 if cfg.bank_dtype != "float32" else 1e-4,
                   notes=f"bank cast to {cfg.bank_dtype} before projection, as Moore"),
-        GraphSpec("unet_cond", wrappers.UNetStep(unet, with_reference=True),
+        GraphSpec("unet_cond", wrappers.UNetStepExport(unet, with_reference=True),
                   unet_inputs + tuple(kv_specs(unet)), pred, dict(unet_dims)),
-        GraphSpec("unet_uncond", wrappers.UNetStep(unet, with_reference=False),
+        GraphSpec("unet_uncond", wrappers.UNetStepExport(unet, with_reference=False),
                   unet_inputs, pred, dict(unet_dims)),
     ]
+    n_kv = len(kv_specs(unet)) // 2
     for s in specs:
         s.module.eval()
+        want_in, want_out = declared_names(s.name, n_kv)
+        assert (tuple(s.input_names), tuple(s.output_names)) == (want_in, want_out), s.name
     return {s.name: s for s in specs}
+
+
+def declared_names(graph: str, n_kv: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names, output names) of one graph of a model with `n_kv` transformer blocks."""
+    kv = tuple(kv_name(kind, i) for i in range(n_kv) for kind in ("k", "v"))
+    return (INPUTS[graph] + (kv if graph in KV_INPUTS else ()),
+            OUTPUTS[graph] + (kv if graph in KV_OUTPUTS else ()))

@@ -7,28 +7,20 @@ manifest does not match the checkpoint, the sizes or the aa-trt it is asked to r
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
 from pathlib import Path
 
-from .. import __version__
-from ..errors import InputError
+from aa_trt import __version__
+from aa_trt.errors import InputError
+from aa_trt.files import write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "aa-trt-engines"
 FORMAT_VERSION = 1
 _LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "polygraphy", "tensorrt", "diffusers",
               "transformers", "numpy")
-
-
-def file_sha256(path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str | None]:
@@ -60,9 +52,7 @@ def read_manifest(out_dir) -> dict | None:
 def write_manifest(out_dir, manifest: dict) -> Path:
     """Atomic: a temporary name, then rename, so a crashed build never leaves half a manifest."""
     path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 

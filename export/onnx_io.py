@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AATrtError
-from .graphs import GraphSpec
+from aa_trt.errors import AATrtError
+from aa_trt.export.graphs import GraphSpec
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and 10 parse it
 PROTOBUF_LIMIT = 2**31 - 2**24  # a little under protobuf's 2 GiB cap: the graph itself needs room

@@ -2,19 +2,20 @@
 
 The ONNX exporter traces positional tensor arguments, so every wrapper takes exactly the graph's
 inputs in the declared order and returns its outputs. They hold references to the real modules and
-change nothing in them.
+change nothing in them. (Their runtime counterparts, which call the exported graphs the way the
+Animator calls the torch modules, are aa_trt.backends.graphs' *Graph classes.)
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..models.layers import ReferenceState
-from ..models.reference_kv import project_banks
-from ..models.unet import UNet
+from aa_trt.models.layers import ReferenceState
+from aa_trt.models.reference_kv import project_banks
+from aa_trt.models.unet import UNet
 
 
-class ClipVision(nn.Module):
+class ClipExport(nn.Module):
     def __init__(self, image_encoder: nn.Module):
         super().__init__()
         self.image_encoder = image_encoder
@@ -24,7 +25,7 @@ class ClipVision(nn.Module):
         return self.image_encoder(pixel_values=pixel_values).image_embeds
 
 
-class VaeEncoder(nn.Module):
+class VaeEncoderExport(nn.Module):
     def __init__(self, vae: nn.Module, latent_scale: float):
         super().__init__()
         self.vae, self.latent_scale = vae, latent_scale
@@ -34,7 +35,7 @@ class VaeEncoder(nn.Module):
         return self.vae.encode(image).latent_dist.mean * self.latent_scale
 
 
-class VaeDecoder(nn.Module):
+class VaeDecoderExport(nn.Module):
     def __init__(self, vae: nn.Module, latent_scale: float):
         super().__init__()
         self.vae, self.latent_scale = vae, latent_scale
@@ -44,7 +45,7 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latents / self.latent_scale).sample
 
 
-class PoseFeatures(nn.Module):
+class PoseGuiderExport(nn.Module):
     def __init__(self, pose_guider: nn.Module):
         super().__init__()
         self.pose_guider = pose_guider
@@ -54,7 +55,7 @@ class PoseFeatures(nn.Module):
         return self.pose_guider(frames)
 
 
-class ReferenceKVNet(nn.Module):
+class ReferenceKVExport(nn.Module):
     """ReferenceNet at t=0 plus the denoising UNet's attn1.to_k/to_v: the whole K/V cache in one
     graph, so the engine never materialises the banks."""
 
@@ -69,7 +70,7 @@ class ReferenceKVNet(nn.Module):
         return tuple(project_banks(self.denoising_unet, banks, self.bank_dtype).flat())
 
 
-class UNetStep(nn.Module):
+class UNetStepExport(nn.Module):
     """One denoising UNet call over b windows of f frames each, one guidance branch.
 
     `frames` is not an input: it is latents.shape[0] // context.shape[0], which the tracer records

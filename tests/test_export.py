@@ -23,6 +23,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 
 from aa_trt.checkpoint import build_models, load_checkpoint  # noqa: E402
 from aa_trt.config import PRESETS  # noqa: E402
+from aa_trt.files import file_sha256  # noqa: E402
 from aa_trt.errors import InputError  # noqa: E402
 from aa_trt.export import manifest as mf  # noqa: E402
 from aa_trt.export import tensorrt as trt_build  # noqa: E402
@@ -65,7 +66,7 @@ def specs(ckpt):
 def test_manifest_records_build(built, ckpt):
     out, m = built
     assert m["complete"] and set(m["graphs"]) == set(GRAPHS)
-    assert m["checkpoint"]["sha256"] == mf.file_sha256(ckpt)
+    assert m["checkpoint"]["sha256"] == file_sha256(ckpt)
     assert m["shapes"] == SHAPES.to_dict() and m["opset"] == 17
     assert m["libraries"]["onnxruntime"] and m["libraries"]["torch"]
     on_disk = json.loads((out / mf.MANIFEST).read_text())
@@ -136,7 +137,7 @@ def test_manifest_reuses_matching_and_rebuilds_stale(ckpt, tmp_path):
     other = _tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
     assert rebuilt(other, SHAPES)
     m = json.loads((out / mf.MANIFEST).read_text())
-    assert m["checkpoint"]["sha256"] == mf.file_sha256(other)
+    assert m["checkpoint"]["sha256"] == file_sha256(other)
     path.write_bytes(path.read_bytes()[:100])
     assert rebuilt(other, SHAPES)
     m = json.loads((out / mf.MANIFEST).read_text())

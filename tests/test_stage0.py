@@ -16,7 +16,8 @@ from aa_trt.cli import main
 from aa_trt.config import preset
 from aa_trt.training.autoencoder import (Stage0Options, clip_loss, decoder_loss, decoder_parameters, random_crops,
                                         reconstruction_loss, train_stage0, vae_loss)
-from aa_trt.training.data import VideoSet, clip_pixels, sample_batch, to_unit
+from aa_trt.models.external import clip_pixels
+from aa_trt.training.data import VideoSet, sample_batch, to_unit
 from aa_trt.training.metrics import ssim, ssim_torch
 from aa_trt.training.synthetic import synthesize
 

@@ -47,9 +47,10 @@ from aa_trt.checkpoint import build_models, load_checkpoint, read_metadata, save
 from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError
 
-from .data import VideoSet, clip_pixels, sample_batch, to_unit
-from .denoised import load_pairs, random_pair_crops
-from .metrics import ssim_torch
+from aa_trt.models.external import clip_pixels
+from aa_trt.training.data import VideoSet, sample_batch, to_unit
+from aa_trt.training.denoised import load_pairs, random_pair_crops
+from aa_trt.training.metrics import ssim_torch
 
 MODEL_FILE = "model.safetensors"
 

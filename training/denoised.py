@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from aa_trt.errors import InputError
-from aa_trt.video import atomic_output
+from aa_trt.files import atomic_output
 
-from .evaluate import load_synth_meta
+from aa_trt.training.evaluate import load_synth_meta
 
 
 @dataclass
@@ -94,7 +94,7 @@ def random_pair_crops(pairs: Pairs, n: int, crop: int, factor: int,
                       rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n random pairs, each cut at one random latent-aligned place and randomly mirrored ->
     latents (n, c, crop/f, crop/f) and pixels (n, 3, crop, crop) in [-1, 1]."""
-    from .data import to_unit
+    from aa_trt.training.data import to_unit
 
     _, _, h, w = pairs.latents.shape
     c = crop // factor

@@ -18,8 +18,8 @@ import numpy as np
 
 from aa_trt.errors import InputError
 
-from .baselines import copy_reference, skeleton_warp
-from .metrics import frame_metrics
+from aa_trt.training.baselines import copy_reference, skeleton_warp
+from aa_trt.training.metrics import frame_metrics
 
 SPLITS = ("test_characters", "test_motions")
 METHODS = ("model", "copy", "skeleton_warp", "vae_ceiling")

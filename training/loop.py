@@ -24,14 +24,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aa_trt import dist as D
 from aa_trt.checkpoint import Models, build_models, load_checkpoint, save_models
 from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError
+from aa_trt.files import atomic_output
 
-from . import grad_ckpt
-from .data import LatentBatch, VideoSet, encode, sample_batch
-from .losses import NoiseSchedule, min_snr_weight, offset_noise, weighted_mse
-from .stage import TrainModel
+from aa_trt.training import grad_ckpt
+from aa_trt.training.data import LatentBatch, VideoSet, encode, sample_batch
+from aa_trt.training.losses import NoiseSchedule, min_snr_weight, offset_noise, weighted_mse
+from aa_trt.training.stage import TrainModel
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -121,21 +123,7 @@ class StepInputs:
 # ---------------------------------------------------------------------------------- processes
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank); (0, 1, 0) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
-def init_distributed(device: str) -> bool:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA). True if this call started it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = _device(device, local).type == "cuda"
-    if cuda:  # object collectives under nccl use the current device: one GPU per process
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
+    return D.rank(), D.world_size(), int(os.environ.get("LOCAL_RANK", 0)) if D.active() else 0
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -145,15 +133,6 @@ def _device(name: str, local_rank: int) -> torch.device:
     if d.type == "cuda" and d.index is None:
         d = torch.device("cuda", local_rank)
     return d
-
-
-def _gather(obj) -> list:
-    _, world, _ = dist_info()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------------- init
@@ -299,7 +278,7 @@ class Trainer:
 
     def save_state(self) -> Path | None:
         """Rank 0 writes out/train_state.pt atomically; every rank returns after it is complete."""
-        rngs = _gather(self._rng_state())
+        rngs = D.all_gather_object(self._rng_state())
         path = self.out / STATE_FILE
         if self.rank == 0:
             state = {"version": STATE_VERSION, "step": self.step, "stage": self.opts.stage,
@@ -308,17 +287,8 @@ class Trainer:
                      "model": {n: p.detach().cpu() for n, p in self.params},
                      "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rngs}
-            self.out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as fh:
-                    torch.save(state, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            with atomic_output(path, fsync=True, make_parent=True) as tmp, open(tmp, "wb") as fh:
+                torch.save(state, fh)
         if self.world > 1:
             dist.barrier()
         return path
@@ -360,7 +330,7 @@ class Trainer:
     # -------------------------------------------------------------- checks and export
     def replica_digests(self) -> list[str]:
         """sha256 of this stage's trainable weights on every rank (all equal unless DDP diverged)."""
-        return _gather(_digest(self.params))
+        return D.all_gather_object(_digest(self.params))
 
     def export(self, path: Path | None = None) -> Path | None:
         """Rank 0 writes out/model.safetensors (or `path`): every component, this stage's weights
@@ -432,9 +402,9 @@ def train(opts: TrainOptions, progress: bool = True) -> Path | None:
     # blocks whose inputs need no gradient (stage 2, before the first motion module). Plain path.
     if hasattr(attention, "set_backend"):
         attention.set_backend("sdpa")
-    started = init_distributed(opts.device)
+    # The process group of every torchrun job (aa_trt.dist): gloo on CPU, NCCL on CUDA.
+    started = D.init_process_group(str(_device(opts.device, int(os.environ.get("LOCAL_RANK", 0)))))
     try:
         return Trainer(opts).run(progress)
     finally:
-        if started:
-            dist.destroy_process_group()
+        D.shutdown(started)

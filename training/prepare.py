@@ -12,15 +12,12 @@ and left out.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from aa_trt.errors import InputError
 
-from .data import write_json
+from aa_trt.files import write_json
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 
@@ -44,8 +41,9 @@ def prepare(src, out, dwpose=None, max_frames: int | None = None, progress: bool
     """Write pose videos and `train.json` for every video under `src`; returns the meta entries."""
     from tqdm.auto import tqdm
 
-    from aa_trt.pose.draw import render
-    from aa_trt.pose.extract import extract_video, make_extractor
+    from aa_trt.pose.extract import make_extractor
+    from aa_trt.pose.keypoints import save_poses
+    from aa_trt.pose.stage import extract_poses, render_poses
     from aa_trt.video import read_clip, write_video
 
     src, out = Path(src), Path(out)
@@ -66,13 +64,9 @@ def prepare(src, out, dwpose=None, max_frames: int | None = None, progress: bool
                 continue
             frames = clip.frames
             h, w = frames[0].shape[:2]
-            poses = extract_video(extractor, frames, None, progress=False)
-            renders = np.stack([render(p, w, h) for p in poses])
-            write_video(kps_mp4, renders, clip.fps)  # atomic: temp name, renamed when complete
-            arr = np.stack([p.to_array() if p is not None else np.zeros((128, 3), np.float32) for p in poses])
-            tmp = kps_npz.with_name(f".{kps_npz.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, keypoints=arr, found=np.array([p is not None for p in poses]), size=np.array([w, h]))
-            os.replace(tmp, kps_npz)
+            poses = extract_poses(extractor, frames, progress=False)
+            write_video(kps_mp4, render_poses(poses, w, h), clip.fps)  # atomic, as every output
+            save_poses(kps_npz, poses, w, h)  # the saved-pose format (aa_trt.pose.keypoints)
         entries.append({"video_path": str(video.resolve()), "kps_path": f"videos/{kps_mp4.name}",
                         "npz_keypoints": f"videos/{kps_npz.name}"})
     if not entries:

@@ -16,7 +16,7 @@ import numpy as np
 
 from aa_trt.pose.keypoints import BODY
 
-from .dance import Body, head_geometry, random_body
+from aa_trt.training.dance import Body, head_geometry, random_body
 
 SUPERSAMPLE = 2
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel positions for every shape

@@ -24,9 +24,9 @@ import numpy as np
 from aa_trt.pose.draw import render
 from aa_trt.pose.keypoints import Pose
 
-from .data import write_json
-from .dance import random_framing, random_motion, skeleton
-from .puppet import SUPERSAMPLE, paint, random_background, random_character
+from aa_trt.files import atomic_output, write_json
+from aa_trt.training.dance import random_framing, random_motion, skeleton
+from aa_trt.training.puppet import SUPERSAMPLE, paint, random_background, random_character
 
 FPS = 15.0
 _KIND = {"character": 1, "motion": 2, "scene": 3}
@@ -119,9 +119,8 @@ def write_video_files(root: Path, name: str, v: SynthVideo, fps: float, formats:
         write_video(vdir / f"{name}_kps.mp4", v.poses, fps)
         entry.update(video_path=f"videos/{name}.mp4", kps_path=f"videos/{name}_kps.mp4")
     if "npz" in formats:
-        tmp = vdir / f".{name}.tmp.npz"
-        np.savez_compressed(tmp, frames=v.frames, poses=v.poses, keypoints=v.keypoints)
-        tmp.replace(vdir / f"{name}.npz")
+        with atomic_output(vdir / f"{name}.npz") as tmp:
+            np.savez_compressed(tmp, frames=v.frames, poses=v.poses, keypoints=v.keypoints)
         entry["npz_path"] = f"videos/{name}.npz"
         entry.setdefault("video_path", entry["npz_path"])
         entry.setdefault("kps_path", entry["npz_path"])

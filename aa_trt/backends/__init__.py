@@ -15,7 +15,7 @@ def animator_from_dir(engine_dir, checkpoint=None, backend: str = "auto"):
         reason = unavailable()
         has_engines = bool((mf.read_manifest(engine_dir) or {}).get("engines"))
         if reason is None and has_engines:
-            from .tensorrt import TrtAnimator
+            from aa_trt.backends.tensorrt import TrtAnimator
 
             return TrtAnimator.from_dir(engine_dir, checkpoint)
         if backend == "tensorrt":
@@ -23,6 +23,6 @@ def animator_from_dir(engine_dir, checkpoint=None, backend: str = "auto"):
 
             raise InputError(f"{engine_dir}: TensorRT backend asked for, but "
                              f"{reason or 'the build has no TensorRT engines'}")
-    from .onnxruntime import OrtAnimator
+    from aa_trt.backends.onnxruntime import OrtAnimator
 
     return OrtAnimator.from_dir(engine_dir, checkpoint)

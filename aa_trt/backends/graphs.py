@@ -1,10 +1,13 @@
 """The Animator on exported graphs, whatever runs them (onnxruntime sessions, TensorRT engines).
 
-A *graph* here is any callable `graph(*tensors in input order, device=...) -> [tensors]`. Each
-stand-in below wraps graphs so that it is called the way the Animator calls the module it replaces
-(CLIP's `.image_embeds`, the VAE's `.encode(x).latent_dist.mean` / `.decode(z).sample`, the UNet's
-`(x, t, ctx, frames=, pose=, ref=)`): `GraphAnimator` then inherits the Animator's preprocessing,
-sampling and decoding unchanged and only computes the reference K/V cache with its own graph.
+A *graph* here is any callable `graph(device=..., **inputs) -> {output name: tensor}`, its inputs
+and outputs named by the one declaration in aa_trt.export.graphs (INPUTS, OUTPUTS, kv_name); a
+build whose recorded names differ is refused. Each *Graph stand-in below wraps graphs so that it is called the way the
+Animator calls the module it replaces (CLIP's `.image_embeds`, the VAE's
+`.encode(x).latent_dist.mean` / `.decode(z).sample`, the UNet's `(x, t, ctx, frames=, pose=,
+ref=)`), binding every tensor by its declared name: `GraphAnimator` then inherits the Animator's
+preprocessing, sampling and decoding unchanged and only computes the reference K/V cache with its
+own graph.
 """
 from __future__ import annotations
 
@@ -15,28 +18,50 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import Models
-from ..config import ModelConfig
-from ..errors import InputError
-from ..models.layers import ReferenceState
-from ..models.reference_kv import ReferenceKV
-from ..pipeline import Animator
+from aa_trt.checkpoint import Models
+from aa_trt.config import ModelConfig
+from aa_trt.errors import InputError
+from aa_trt.export.graphs import GRAPHS, UNET_INPUTS, declared_names, kv_name
+from aa_trt.models.layers import ReferenceState
+from aa_trt.models.reference_kv import ReferenceKV
+from aa_trt.pipeline import Animator
 
-REQUIRED = ("clip", "vae_encoder", "vae_decoder", "pose_guider", "reference_kv", "unet_cond",
-            "unet_uncond")
-Graph = Callable[..., list[torch.Tensor]]
+Graph = Callable[..., dict[str, torch.Tensor]]
 
 
-class ImageEncoder:
+def bind_check(what: str, expected, given) -> None:
+    """Refuse a call whose tensor names differ from the graph's (a build of another layout)."""
+    if set(expected) != set(given):
+        missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        raise InputError(f"{what}: inputs {sorted(given)} do not match the graph's {list(expected)} "
+                         f"(missing {missing}, unexpected {extra}); rebuild with `aa-trt build`")
+
+
+def check_declarations(engine_dir, manifest: dict) -> int:
+    """The build's recorded names must be this aa-trt's declaration (export.graphs); returns the
+    number of K/V pairs (transformer blocks) they carry."""
+    n_kv = sum(1 for n in manifest["graphs"]["unet_cond"]["inputs"] if n not in UNET_INPUTS) // 2
+    for g in GRAPHS:
+        want = declared_names(g, n_kv)
+        rec = manifest["graphs"][g]
+        if (set(rec["inputs"]), set(rec["outputs"])) != (set(want[0]), set(want[1])):
+            raise InputError(f"{engine_dir}: graph {g} declares {sorted(rec['inputs'])} -> "
+                             f"{sorted(rec['outputs'])}, not this aa-trt's {list(want[0])} -> "
+                             f"{list(want[1])}; rebuild it with `aa-trt build`")
+    return n_kv
+
+
+class ClipGraph:
     def __init__(self, graph: Graph):
         self.graph = graph
 
     def __call__(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         # (1, 3, 224, 224) -> .image_embeds (1, D)
-        return SimpleNamespace(image_embeds=self.graph(pixel_values, device=pixel_values.device)[0])
+        return SimpleNamespace(image_embeds=self.graph(device=pixel_values.device,
+                                                       pixel_values=pixel_values)["image_embeds"])
 
 
-class Vae:
+class VaeGraphs:
     """The graphs carry latent_scale inside (encoder output x scale, decoder input / scale); the
     Animator applies it itself, so it is undone here to keep the diffusers call contract."""
 
@@ -45,39 +70,41 @@ class Vae:
 
     def encode(self, image: torch.Tensor) -> SimpleNamespace:
         # (1, 3, H, W) in [-1, 1] -> .latent_dist.mean (1, c, H/f, W/f), unscaled
-        scaled = self.encoder(image, device=image.device)[0]
+        scaled = self.encoder(device=image.device, image=image)["latent"]
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=scaled / self.latent_scale))
 
     def decode(self, z: torch.Tensor) -> SimpleNamespace:
         # unscaled latents (b, 4, h, w) -> .sample (b, 3, 8h, 8w)
-        return SimpleNamespace(sample=self.decoder(z * self.latent_scale, device=z.device)[0])
+        return SimpleNamespace(sample=self.decoder(device=z.device, latents=z * self.latent_scale)["image"])
 
 
-class PoseGuider:
+class PoseGuiderGraph:
     def __init__(self, graph: Graph):
         self.graph = graph
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         # (n, 3, H, W) in [0, 1] -> (n, C0, H/8, W/8)
-        return self.graph(frames, device=frames.device)[0]
+        return self.graph(device=frames.device, frames=frames)["features"]
 
 
-class ReferenceKVNet:
-    def __init__(self, graph: Graph):
+class ReferenceKVGraph:
+    def __init__(self, graph: Graph, n_kv: int):
         self.graph = graph
+        self.names = [(kv_name("k", i), kv_name("v", i)) for i in range(n_kv)]
 
     def __call__(self, ref_latent: torch.Tensor, context: torch.Tensor) -> ReferenceKV:
         # ref_latent (1, c, h, w), context (1, 1, D) -> per block (k, v) (1, m_i, c_i)
-        flat = self.graph(ref_latent, context, device=ref_latent.device)
-        return ReferenceKV([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])
+        out = self.graph(device=ref_latent.device, ref_latent=ref_latent, context=context)
+        return ReferenceKV([(out[k], out[v]) for k, v in self.names])
 
 
-class UNetStep:
+class UNetGraphs:
     """The denoising UNet's call, on the cond graph (reference rows) and the uncond graph (the
     rest), in chunks of at most `max_windows` windows (the build's profile)."""
 
-    def __init__(self, cond: Graph, uncond: Graph, max_windows: int, max_frames: int):
+    def __init__(self, cond: Graph, uncond: Graph, n_kv: int, max_windows: int, max_frames: int):
         self.cond, self.uncond = cond, uncond
+        self.kv_names = [(kv_name("k", i), kv_name("v", i)) for i in range(n_kv)]
         self.max_windows, self.max_frames = max_windows, max_frames
 
     def __call__(self, x: torch.Tensor, timestep, context: torch.Tensor, *, frames: int = 1,
@@ -91,15 +118,19 @@ class UNetStep:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1)[:1]
         has_kv = ref is not None and ref.kv is not None
         runs = ref.runs if ref is not None and ref.runs else [(0, x.shape[0], has_kv)]
-        kv = [a for pair in ref.kv for a in pair] if has_kv else []
+        kv = {}
+        if has_kv:
+            if len(ref.kv) != len(self.kv_names):
+                raise ValueError(f"{len(ref.kv)} K/V pairs for a graph declaring {len(self.kv_names)}")
+            kv = {n: a for names, pair in zip(self.kv_names, ref.kv) for n, a in zip(names, pair)}
         step = self.max_windows * frames
         outs = []
         for start, stop, use_ref in runs:
             for s in range(start, stop, step):
                 e = min(s + step, stop)
-                args = (x[s:e], t, pose[s:e], context[s // frames:e // frames])
-                outs.append(self.cond(*args, *kv, device=x.device)[0] if use_ref
-                            else self.uncond(*args, device=x.device)[0])
+                feeds = dict(latents=x[s:e], timestep=t, pose=pose[s:e], context=context[s // frames:e // frames])
+                graph, extra = (self.cond, kv) if use_ref else (self.uncond, {})
+                outs.append(graph(device=x.device, **feeds, **extra)["prediction"])
         return torch.cat(outs)
 
 
@@ -109,14 +140,15 @@ class GraphAnimator(Animator):
     def __init__(self, engine_dir, manifest: dict, graphs: dict[str, Graph], device="cpu"):
         config = ModelConfig.from_dict(manifest["config"])
         shapes = manifest["shapes"]
+        n_kv = check_declarations(engine_dir, manifest)
         models = Models(
             config=config,
-            denoising_unet=UNetStep(graphs["unet_cond"], graphs["unet_uncond"], shapes["windows"],
-                                    shapes["frames"]),
-            reference_unet=ReferenceKVNet(graphs["reference_kv"]),
-            pose_guider=PoseGuider(graphs["pose_guider"]),
-            vae=Vae(graphs["vae_encoder"], graphs["vae_decoder"], config.latent_scale),
-            image_encoder=ImageEncoder(graphs["clip"]),
+            denoising_unet=UNetGraphs(graphs["unet_cond"], graphs["unet_uncond"], n_kv, shapes["windows"],
+                                      shapes["frames"]),
+            reference_unet=ReferenceKVGraph(graphs["reference_kv"], n_kv),
+            pose_guider=PoseGuiderGraph(graphs["pose_guider"]),
+            vae=VaeGraphs(graphs["vae_encoder"], graphs["vae_decoder"], config.latent_scale),
+            image_encoder=ClipGraph(graphs["clip"]),
         )
         super().__init__(models, device, torch.float32)
         self.engine_dir, self.manifest = Path(engine_dir), manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .graphs import REQUIRED, GraphAnimator
+from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -13,12 +13,13 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 class OrtGraph:
-    """One onnxruntime session called with torch tensors in input order -> list of torch tensors.
+    """One onnxruntime session called with torch tensors by input name -> {output name: tensor}.
     Host round trips on every call: the TensorRT backend is the one that keeps tensors on the GPU."""
 
     def __init__(self, path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
+        self.path = path
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -27,11 +28,11 @@ class OrtGraph:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, *inputs: torch.Tensor, device="cpu") -> list[torch.Tensor]:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(f"{len(inputs)} inputs for a graph taking {self.input_names}")
-        feeds = {n: _np(x) for n, x in zip(self.input_names, inputs)}
-        return [torch.from_numpy(o).to(device) for o in self.session.run(self.output_names, feeds)]
+    def __call__(self, device="cpu", **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        bind_check(str(self.path), self.input_names, inputs)
+        feeds = {n: _np(x) for n, x in inputs.items()}
+        outs = self.session.run(self.output_names, feeds)
+        return {n: torch.from_numpy(o).to(device) for n, o in zip(self.output_names, outs)}
 
 
 class OrtAnimator(GraphAnimator):
@@ -41,9 +42,10 @@ class OrtAnimator(GraphAnimator):
         """Refuses (InputError, one line) a DIR from another aa-trt, an unfinished build, or, when
         `checkpoint` is given, a build from another checkpoint. Sizes are checked in prepare."""
         from aa_trt.export import manifest as mf
+        from aa_trt.files import file_sha256
 
-        sha = mf.file_sha256(checkpoint) if checkpoint is not None else None
-        m = mf.load_for_run(engine_dir, sha, REQUIRED)
+        sha = file_sha256(checkpoint) if checkpoint is not None else None
+        m = mf.load_for_run(engine_dir, sha, GRAPHS)
         threads = threads or torch.get_num_threads()
-        graphs = {name: OrtGraph(f"{engine_dir}/{name}.onnx", providers, threads) for name in REQUIRED}
+        graphs = {name: OrtGraph(f"{engine_dir}/{name}.onnx", providers, threads) for name in GRAPHS}
         return cls(engine_dir, m, graphs, "cpu")

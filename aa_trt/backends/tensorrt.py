@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .graphs import REQUIRED, GraphAnimator
+from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
+from aa_trt.errors import InputError
 
 
 def _torch_dtype(trt, dt):
@@ -26,8 +26,8 @@ def _torch_dtype(trt, dt):
 
 
 class TrtEngine:
-    """One deserialized engine, called like the onnxruntime graphs: tensors in input order ->
-    list of output tensors (on the engine's CUDA device)."""
+    """One deserialized engine, called like the onnxruntime graphs: tensors by input name ->
+    {output name: tensor} (on the engine's CUDA device)."""
 
     def __init__(self, path, device="cuda"):
         from aa_trt.export.tensorrt import import_tensorrt
@@ -48,11 +48,11 @@ class TrtEngine:
         self._shape_key = None
         self._outputs: list[torch.Tensor] = []
 
-    def __call__(self, *inputs: torch.Tensor, device=None) -> list[torch.Tensor]:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(f"{len(inputs)} inputs for an engine taking {self.input_names}")
+    def __call__(self, device=None, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        bind_check("TensorRT engine", self.input_names, inputs)
         bound = []
-        for name, x in zip(self.input_names, inputs):
+        for name in self.input_names:
+            x = inputs[name]
             want = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
             x = x.to(self.device, want).contiguous()  # no-op for tensors already in place
             bound.append(x)  # keep alive until the stream has consumed it
@@ -72,7 +72,7 @@ class TrtEngine:
             raise RuntimeError("TensorRT execution failed (see the log above)")
         # The output buffers are reused by the next call with the same shapes: hand out copies
         # (device-to-device) so the caller may keep them.
-        return [o.clone() for o in self._outputs]
+        return {n: o.clone() for n, o in zip(self.output_names, self._outputs)}
 
 
 class TrtAnimator(GraphAnimator):
@@ -80,13 +80,14 @@ class TrtAnimator(GraphAnimator):
     def from_dir(cls, engine_dir, checkpoint=None, device="cuda") -> "TrtAnimator":
         """As OrtAnimator.from_dir, on the DIR's TensorRT engines."""
         from aa_trt.export import manifest as mf
+        from aa_trt.files import file_sha256
 
-        sha = mf.file_sha256(checkpoint) if checkpoint is not None else None
-        m = mf.load_for_run(engine_dir, sha, REQUIRED)
+        sha = file_sha256(checkpoint) if checkpoint is not None else None
+        m = mf.load_for_run(engine_dir, sha, GRAPHS)
         engines = m.get("engines") or {}
-        missing = [g for g in REQUIRED if g not in engines]
+        missing = [g for g in GRAPHS if g not in engines]
         if missing:
             raise InputError(f"{engine_dir}: no TensorRT engines for {', '.join(missing)}; run "
                              f"`aa-trt build` on a machine with TensorRT and CUDA")
-        graphs = {g: TrtEngine(Path(engine_dir) / engines[g]["file"], device) for g in REQUIRED}
+        graphs = {g: TrtEngine(Path(engine_dir) / engines[g]["file"], device) for g in GRAPHS}
         return cls(engine_dir, m, graphs, device)

@@ -10,8 +10,8 @@ import math
 import torch
 from torch import nn
 
-from .. import attention as attn_math
-from .layers import FeedForward
+from aa_trt import attention as attn_math
+from aa_trt.models.layers import FeedForward
 
 
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ class TemporalAttention(nn.Module):
         key = (frames, dtype) + tuple((w.data_ptr(), w._version) for w in ws + (self.pos_encoder.pe,))
         cached = getattr(self, "_pe_cache", None)
         if cached is None or cached[0] != key:
-            from ..kernels.temporal_attention import fold_positional_encoding
+            from aa_trt.kernels.temporal_attention import fold_positional_encoding
 
             cached = (key, fold_positional_encoding(self.pos_encoder.pe, ws, frames, dtype))
             self._pe_cache = cached

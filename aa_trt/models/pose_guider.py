@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PoseGuiderConfig
+from aa_trt.config import PoseGuiderConfig
 
 
 class PoseGuider(nn.Module):

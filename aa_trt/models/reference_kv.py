@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .unet import UNet
+from aa_trt.models.unet import UNet
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import MotionConfig, UNetConfig
-from .layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
+from aa_trt.config import MotionConfig, UNetConfig
+from aa_trt.models.layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
                      TimestepEmbedding, TransformerBlock, Upsample, norm_silu, timestep_embedding)
-from .motion import MotionModule
+from aa_trt.models.motion import MotionModule
 
 
 class _Counter:

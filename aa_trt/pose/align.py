@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keypoints import BODY, LIMBS, Pose
+from aa_trt.pose.keypoints import BODY, LIMBS, Pose
 
 THRESHOLD = 0.3
 TORSO = ((1, 8), (1, 11), (1, 2), (1, 5))  # neck to hips and shoulders: the body-size yardstick

@@ -46,9 +46,9 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import AATrtError
-from ._imgops import apply_affine, as_rgb_uint8, warp_affine
-from .keypoints import BODY, Pose
+from aa_trt.errors import AATrtError
+from aa_trt.pose._imgops import apply_affine, as_rgb_uint8, warp_affine
+from aa_trt.pose.keypoints import BODY, Pose
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DETECTOR_FILE = "pose_detection.tflite"

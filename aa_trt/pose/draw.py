@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .keypoints import HAND_EDGES, LIMBS, Pose
+from aa_trt.pose.keypoints import HAND_EDGES, LIMBS, Pose
 
 COLORS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
           (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),

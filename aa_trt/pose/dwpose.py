@@ -31,9 +31,9 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
-from ._imgops import apply_affine, as_rgb_uint8, warp_affine
-from .keypoints import Pose
+from aa_trt.errors import InputError
+from aa_trt.pose._imgops import apply_affine, as_rgb_uint8, warp_affine
+from aa_trt.pose.keypoints import Pose
 
 DET_FILE = "yolox_l.onnx"
 POSE_FILE = "dw-ll_ucoco_384.onnx"

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from aa_trt.training.data import write_json
+from aa_trt.files import write_json
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("root", nargs="?", default="data", help="folder holding synth128 and the extra sets (default ./data)")

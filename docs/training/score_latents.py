@@ -16,7 +16,7 @@ import torch
 
 from aa_trt.pipeline import Animator
 from aa_trt.training.baselines import copy_reference
-from aa_trt.training.data import write_json
+from aa_trt.files import write_json
 from aa_trt.training.metrics import frame_metrics
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
