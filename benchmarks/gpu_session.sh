@@ -32,6 +32,12 @@ timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/tes
     2>&1 | tee "$OUT/tests_cuda.log"
 tests_rc=${PIPESTATUS[0]}
 
+# 1b. Every kernel launch of an sd15 step compiled for this card's architecture, with ptxas's and
+# the driver's register / spill counts side by side (~20 s; the full CPU table is in docs/performance.md).
+cc=$(python3 -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"sm_{a}{b}")' 2>/dev/null || echo sm_90)
+timeout 60 python3 -m aa_trt.kernels.aot --arch "$cc" --chosen-only --json > "$OUT/kernels_aot.jsonl" 2> "$OUT/kernels_aot.log"
+echo "kernels aot ($cc) rc=$?: $(tail -2 "$OUT/kernels_aot.log" | tr '\n' ' ')"
+
 # 2. Timings (5 rounds per comparison), written as JSON with the card's name.
 timeout 320 python3 -m pytest -q -rs -p no:cacheprovider benchmarks/test_cuda.py benchmarks/test_kernels_bench.py \
     --bench-rounds 5 --bench-results "$OUT" 2>&1 | tee "$OUT/bench_cuda.log"

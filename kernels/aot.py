@@ -19,7 +19,9 @@ integers equal to 1 become constexprs, integers divisible by 16 and tensors get 
 divisibility hint). Shared memory is the compiled `metadata.shared`; registers and spills come
 from `ptxas -v` run on the PTX with the assembler Triton itself uses for that architecture
 (its bundled CUDA 12.9 `ptxas` below sm_90, `ptxas-blackwell` from sm_90 on), and the same
-flags (`--regAllocOptLevel=2`).
+flags (`--regAllocOptLevel=2`). (Triton's compiled object has n_regs / n_spills only once its
+cubin is loaded by a driver; on a GPU of the target's architecture they are added as
+`driver_registers` / `driver_spills`, a cross-check of the ptxas figures.)
 
 A configuration `ok` compiles, does not spill, fits the architecture's shared memory
 (`resources.SHARED_LIMIT`) and the launcher's estimate (`shared_estimate`, what the pruning
@@ -262,16 +264,13 @@ def compile_launch(launch, cc: int) -> dict:
         md = compiled.metadata
         out.update(compiled=True, shared_bytes=int(md.shared), num_warps=int(md.num_warps),
                    num_stages=int(md.num_stages), ptx_version=_ptx_version(compiled.asm["ptx"]))
-        regs = getattr(compiled, "n_regs", None)  # set only once loaded on a device
-        if regs is None:
-            report = run_ptxas(compiled.asm["ptx"], cc)
-            out.update(registers=report["registers"],
-                       spill_bytes=report["spill_store_bytes"] + report["spill_load_bytes"],
-                       spill_store_bytes=report["spill_store_bytes"],
-                       spill_load_bytes=report["spill_load_bytes"], stack_bytes=report["stack_bytes"],
-                       ptxas=report["ptxas"])
-        else:
-            out.update(registers=int(regs), spill_bytes=int(compiled.n_spills), ptxas="driver")
+        report = run_ptxas(compiled.asm["ptx"], cc)
+        out.update(registers=report["registers"],
+                   spill_bytes=report["spill_store_bytes"] + report["spill_load_bytes"],
+                   spill_store_bytes=report["spill_store_bytes"],
+                   spill_load_bytes=report["spill_load_bytes"], stack_bytes=report["stack_bytes"],
+                   ptxas=report["ptxas"])
+        out.update(_driver_resources(compiled, cc))
     except Exception as e:  # a compile error is a result: reported, not raised
         root = e
         while root.__cause__ is not None:  # Triton wraps the cause in the source excerpt
@@ -281,6 +280,18 @@ def compile_launch(launch, cc: int) -> dict:
     out["seconds"] = round(time.perf_counter() - t0, 2)
     _COMPILED[key] = out
     return dict(out, cached=False)
+
+
+def _driver_resources(compiled, cc: int) -> dict:
+    """On a GPU of compute capability cc, load the cubin and add what the driver reports
+    (n_regs, n_spills: a cross-check of the ptxas figures); nothing elsewhere."""
+    try:
+        if not torch.cuda.is_available() or resources.capability(torch.device("cuda")) != cc:
+            return {}
+        compiled._init_handles()
+        return {"driver_registers": int(compiled.n_regs), "driver_spills": int(compiled.n_spills)}
+    except Exception as e:  # a load failure is worth seeing, not fatal here
+        return {"driver_error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def _ptx_version(ptx: str) -> str | None:
@@ -411,9 +422,12 @@ def markdown(records: list[dict], archs: list[int]) -> str:
     head = ["kernel", "shape", "dtype", "config (chosen)"] + [f"sm_{a} regs / shared" for a in archs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (kernel, shape, dtype), by_arch in rows.items():
-        configs = sorted({r["config"] for r in by_arch.values()})
-        lines.append("| " + " | ".join([kernel, shape, dtype, "; ".join(configs)]
-                                      + [_cell(by_arch.get(f"sm_{a}")) for a in archs]) + " |")
+        first = next(iter(by_arch.values()))["config"]  # the first arch's; others noted if they differ
+        cells = []
+        for a in archs:
+            r = by_arch.get(f"sm_{a}")
+            cells.append(_cell(r) + (f" ({r['config']})" if r is not None and r["config"] != first else ""))
+        lines.append("| " + " | ".join([kernel, shape, dtype, first] + cells) + " |")
     return "\n".join(lines)
 
 
