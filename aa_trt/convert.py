@@ -18,9 +18,9 @@ import torch
 from aa_trt.checkpoint import build_models, check_state_dict, save_checkpoint
 from aa_trt.config import ModelConfig, MotionConfig, PoseGuiderConfig, SchedulerConfig, UNetConfig
 from aa_trt.errors import CheckpointError, InputError, first_keys
+from aa_trt.files import torch_dtype
 
 MOORE_FILES = ("denoising_unet.pth", "reference_unet.pth", "motion_module.pth", "pose_guider.pth")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_pth(path) -> dict[str, torch.Tensor]:
@@ -159,8 +159,7 @@ def convert_moore(moore_dir, base_dir, out, dtype: str | None = None, inference_
     missing = [f for f in MOORE_FILES if not (moore_dir / f).is_file()]
     if missing:
         raise InputError(f"{moore_dir}: missing {', '.join(missing)}")
-    if dtype is not None and dtype not in _DTYPES:
-        raise InputError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+    torch_dtype_ = torch_dtype(dtype) if dtype is not None else None  # OptionError(dtype) if unknown
     files = {f: load_pth(moore_dir / f) for f in MOORE_FILES}
     motion, sched = read_inference_config(inference_config) if inference_config else (MotionConfig(), SchedulerConfig())
     unet, vae, vae_cfg, clip, clip_cfg = _load_base(base_dir)
@@ -182,4 +181,4 @@ def convert_moore(moore_dir, base_dir, out, dtype: str | None = None, inference_
                          else sources[comp], comp, module, sds[comp])
     provenance = {"source": "Moore-AnimateAnyone", "moore_dir": str(moore_dir.resolve()),
                   "base_dir": str(base_dir.resolve()), "dtype": dtype or "as stored"}
-    return save_checkpoint(out, config, sds, _DTYPES[dtype] if dtype else None, provenance)
+    return save_checkpoint(out, config, sds, torch_dtype_, provenance)

@@ -21,7 +21,9 @@ def first_keys(keys, n: int = 5) -> str:
 
 class OptionError(InputError):
     """A parameter with a value the library cannot use. The message names the parameter as the
-    Python API spells it (`steps=0: ...`); the CLI says it with its flag instead (`as_flag`)."""
+    Python API spells it (`steps=0: ...`); the CLI says it with its flag instead (`as_flag`).
+    Other parameters named in `problem` are written in backticks (`context_frames`), so that the
+    CLI can name their flags too."""
 
     def __init__(self, param: str, value, problem: str):
         self.param, self.value, self.problem = param, value, problem
@@ -29,7 +31,12 @@ class OptionError(InputError):
 
     def as_flag(self, flags: dict[str, str] | None = None) -> str:
         """'--steps 0: must be ...': the CLI's spelling (flags maps parameters that differ)."""
-        flag = (flags or {}).get(self.param, "--" + self.param.replace("_", "-"))
+        import re
+
+        def flag(param: str) -> str:
+            return (flags or {}).get(param, "--" + param.replace("_", "-"))
+
+        problem = re.sub(r"`([a-z_]+)`", lambda m: flag(m.group(1)), self.problem)
         if isinstance(self.value, bool):  # a switch: its name says it
-            return f"{flag}: {self.problem}"
-        return f"{flag} {self.value}: {self.problem}"
+            return f"{flag(self.param)}: {problem}"
+        return f"{flag(self.param)} {self.value}: {problem}"

@@ -28,7 +28,7 @@ def uniform_windows(n: int, size: int = 24, overlap: int = 4, closed_loop: bool 
         return [list(range(n))]
     stride = size - overlap
     if stride <= 0:
-        raise OptionError("context_overlap", overlap, f"must be smaller than context_frames ({size})")
+        raise OptionError("context_overlap", overlap, f"must be smaller than `context_frames` ({size})")
     stop = n if closed_loop else n - overlap
     return [[j % n for j in range(start, start + size)] for start in range(0, stop, stride)]
 
@@ -40,7 +40,7 @@ def sliding_windows(n: int, size: int = 24, overlap: int = 4) -> list[list[int]]
         return [list(range(n))]
     stride = size - overlap
     if stride <= 0:
-        raise OptionError("context_overlap", overlap, f"must be smaller than context_frames ({size})")
+        raise OptionError("context_overlap", overlap, f"must be smaller than `context_frames` ({size})")
     starts = list(range(0, n - size, stride)) + [n - size]
     return [list(range(s, s + size)) for s in starts]
 

@@ -69,7 +69,7 @@ class SampleOptions:
         _int("context_overlap", self.context_overlap, 0)
         if self.context_overlap >= self.context_frames:
             raise OptionError("context_overlap", self.context_overlap,
-                              f"must be smaller than context_frames ({self.context_frames})")
+                              f"must be smaller than `context_frames` ({self.context_frames})")
         _choice("context_schedule", self.context_schedule, CONTEXT_SCHEDULES)
         _int("window_batch", self.window_batch, 1)
         if self.seed is not None:

@@ -109,7 +109,8 @@ def checkpoint_path(ckpt) -> Path:
         return Path(ckpt)
     if DEFAULT_MODEL.is_file():
         return DEFAULT_MODEL
-    raise InputError("this build has no embedded default model yet; pass --ckpt MODEL.safetensors "
+    raise InputError("this build has no embedded default model yet; give a checkpoint (ckpt, `--ckpt "
+                     "MODEL.safetensors` on the command line) "
                      "(make one from Moore's weights with `aa-trt convert`)")
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aa_trt.errors import InputError
+from aa_trt.errors import InputError, OptionError
 from aa_trt.files import atomic_output
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -63,8 +63,9 @@ def read_image(path) -> Image.Image:
 def read_clip(path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> Clip:
     """Frames start, start + stride, ... (at most max_frames) of a video file or a folder of images."""
     path = Path(path)
-    if stride < 1 or start < 0 or (max_frames is not None and max_frames < 1):
-        raise InputError(f"{path}: --start must be >= 0, --stride and --frames >= 1")
+    for name, v, low in (("start", start, 0), ("stride", stride, 1), ("frames", max_frames, 1)):
+        if v is not None and v < low:
+            raise OptionError(name, v, f"must be >= {low}")
     if path.is_dir():
         return _read_folder(path, start, stride, max_frames)
     if not path.is_file():

@@ -226,7 +226,7 @@ def run_graft(*args):
     (["--stage", "0", "--preset", "tiny", "--decoder-only"], "give --init"),
     (["--stage", "1", "--preset", "tiny", "--decoder-only"], "belongs to stage 0"),
     (["--stage", "1", "--preset", "tiny", "--ssim-weight", "1"], "--ssim-weight belongs to stage 0"),
-    (["--stage", "0", "--preset", "tiny", "--ssim-weight", "-1"], "--ssim-weight must be >= 0"),
+    (["--stage", "0", "--preset", "tiny", "--ssim-weight", "-1"], "--ssim-weight -1.0: must be >= 0"),
     (["--stage", "0", "--preset", "tiny", "--ssim-weight", "1", "--crop", "8"], "at least 16"),
 ])
 def test_decoder_only_refuses_what_it_cannot_do(data, tmp_path, capsys, argv, needle):
@@ -314,7 +314,7 @@ def test_decoder_fits_denoised_pairs_and_nothing_else(data, tiny_ckpt, tmp_path,
 
 @pytest.mark.parametrize("argv, needle", [
     (["--stage", "0", "--init", "CKPT", "--denoised", "PAIRS"], "needs --decoder-only"),
-    (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised-batch", "2"], "--denoised-batch needs --denoised"),
+    (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised-batch", "2"], "--denoised-batch 2: needs --denoised"),
     (["--stage", "1", "--init", "CKPT", "--denoised", "PAIRS"], "--denoised belongs to stage 0"),
     (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised", "MISSING"], "no such file"),
     (["--stage", "0", "--init", "CKPT", "--decoder-only", "--denoised", "WRONG"], "this VAE has"),

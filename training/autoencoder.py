@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from aa_trt.checkpoint import build_models, load_checkpoint, read_metadata, save_models
 from aa_trt.config import preset as get_preset
-from aa_trt.errors import InputError
+from aa_trt.errors import InputError, OptionError
 
 from aa_trt.models.external import clip_pixels
 from aa_trt.training.data import VideoSet, sample_batch, to_unit
@@ -82,26 +82,27 @@ class Stage0Options:
 
     def __post_init__(self):
         if (self.preset is None) == (self.init is None):
-            raise InputError("stage 0: give exactly one of --preset NAME (from scratch) and --init CKPT (continue)")
+            raise OptionError("init", self.init, "stage 0 takes exactly one of `init` (a checkpoint to continue) "
+                              "and `preset` (a name, from scratch)")
         if self.decoder_only and not self.init:
-            raise InputError("--decoder-only fine-tunes a trained VAE's decoder: give --init CKPT")
+            raise OptionError("decoder_only", True, "fine-tunes a trained VAE's decoder: give `init` (a checkpoint)")
         if self.ssim_weight < 0:
-            raise InputError(f"--ssim-weight must be >= 0, got {self.ssim_weight}")
+            raise OptionError("ssim_weight", self.ssim_weight, "must be >= 0")
         if self.ssim_weight and self.crop < 16:
-            raise InputError(f"--ssim-weight needs --crop of at least 16 (SSIM's window is 11x11), got {self.crop}")
+            raise OptionError("crop", self.crop, "must be at least 16 with an SSIM weight (SSIM's window is 11x11)")
         if self.denoised and not self.decoder_only:
-            raise InputError("--denoised fits the decoder to a model's latents: it needs --decoder-only")
+            raise OptionError("denoised", self.denoised, "fits the decoder to a model's latents: it needs `decoder_only`")
         if self.denoised_batch is not None and (not self.denoised or self.denoised_batch < 1):
-            raise InputError("--denoised-batch needs --denoised and must be at least 1")
+            raise OptionError("denoised_batch", self.denoised_batch, "needs `denoised` and must be at least 1")
         if self.batch < 2:
-            raise InputError("--batch must be at least 2 (the CLIP loss contrasts the batch's videos)")
+            raise OptionError("batch", self.batch, "must be at least 2 (the CLIP loss contrasts the batch's videos)")
 
 
 def random_crops(frames: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 (B, H, W, 3) -> (B, crop, crop, 3), each at a random place, randomly mirrored."""
     b, h, w, _ = frames.shape
     if crop > min(h, w):
-        raise InputError(f"--crop {crop} is larger than the frames ({w}x{h})")
+        raise OptionError("crop", crop, f"is larger than the frames ({w}x{h})")
     out = np.empty((b, crop, crop, 3), np.uint8)
     for i in range(b):
         y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
@@ -198,7 +199,7 @@ def train_stage0(opts: Stage0Options, progress: bool = True) -> Path:
     vae, enc = models.vae, models.image_encoder
     factor = cfg.latent_factor
     if opts.crop % factor:
-        raise InputError(f"--crop {opts.crop} must be a multiple of the VAE's factor {factor}")
+        raise OptionError("crop", opts.crop, f"must be a multiple of the VAE's factor {factor}")
     if not opts.init:
         # Start the posterior narrow (std e^-2): with diffusers' default init its noise (std ~1)
         # drowns the encoder's mean (std ~0.2) and the decoder first learns to ignore the latent.

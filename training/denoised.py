@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aa_trt.errors import InputError
+from aa_trt.errors import InputError, OptionError
 from aa_trt.files import atomic_output
 
 from aa_trt.training.evaluate import load_synth_meta
@@ -99,7 +99,7 @@ def random_pair_crops(pairs: Pairs, n: int, crop: int, factor: int,
     _, _, h, w = pairs.latents.shape
     c = crop // factor
     if c > min(h, w):
-        raise InputError(f"--crop {crop} is larger than the denoised frames ({w * factor}x{h * factor})")
+        raise OptionError("crop", crop, f"is larger than the denoised frames ({w * factor}x{h * factor})")
     zs, xs = [], []
     for i in rng.integers(len(pairs), size=n):
         y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from aa_trt import dist as D
 from aa_trt.checkpoint import Models, build_models, load_checkpoint, save_models
 from aa_trt.config import preset as get_preset
-from aa_trt.errors import InputError
+from aa_trt.errors import InputError, OptionError
 from aa_trt.files import atomic_output
 
 from aa_trt.training import grad_ckpt
@@ -93,21 +93,21 @@ class TrainOptions:
 
     def __post_init__(self):
         if self.stage not in (1, 2):
-            raise InputError(f"--stage must be 1 or 2, not {self.stage}")
+            raise OptionError("stage", self.stage, "must be 1 or 2")
         if (self.init is None) == (self.preset is None):
-            raise InputError("give exactly one of --init CKPT and --preset NAME")
+            raise OptionError("init", self.init, "give exactly one of `init` (a checkpoint) and `preset` (a name)")
         if self.frames is None:
             self.frames = 1 if self.stage == 1 else 16
         if self.stage == 1 and self.frames != 1:
-            raise InputError("stage 1 trains on single frames (--frames 1)")
+            raise OptionError("frames", self.frames, "stage 1 trains on single frames (1)")
         if self.lr_decay not in ("constant", "cosine"):
-            raise InputError(f"--lr-decay {self.lr_decay!r}: expected constant or cosine")
+            raise OptionError("lr_decay", self.lr_decay, "expected constant or cosine")
         if self.decay_steps < 0 or (self.decay_steps and self.lr_decay != "cosine"):
-            raise InputError("--decay-steps needs --lr-decay cosine and a count >= 0")
+            raise OptionError("decay_steps", self.decay_steps, "needs the cosine LR decay and a count >= 0")
         if self.precision not in ("no", "bf16", "fp16"):
-            raise InputError(f"--precision {self.precision!r}: expected no, bf16 or fp16")
+            raise OptionError("precision", self.precision, "expected no, bf16 or fp16")
         if not 0 <= self.uncond_ratio <= 1:
-            raise InputError("--uncond-ratio must be in [0, 1]")
+            raise OptionError("uncond_ratio", self.uncond_ratio, "must be in [0, 1]")
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Trainer:
         self.rank, self.world, local = dist_info()
         self.device = _device(opts.device, local)
         if opts.precision != "no" and self.device.type != "cuda":
-            raise InputError(f"--precision {opts.precision} is for CUDA; this run is on {self.device}")
+            raise OptionError("precision", opts.precision, f"is for CUDA; this run is on {self.device}")
         self.out = Path(opts.out)
         self.models = initial_models(opts, self.device)
         self.init_fingerprint = fingerprint(self.models)

@@ -24,6 +24,7 @@ import numpy as np
 from aa_trt.pose.draw import render
 from aa_trt.pose.keypoints import Pose
 
+from aa_trt.errors import OptionError
 from aa_trt.files import atomic_output, write_json
 from aa_trt.training.dance import random_framing, random_motion, skeleton
 from aa_trt.training.puppet import SUPERSAMPLE, paint, random_background, random_character
@@ -83,7 +84,7 @@ class Plan:
 def plan(videos: int, seed: int, held_out: float = 0.1) -> Plan:
     """`held_out` of the videos go to each test split (at least one each from 3 videos on)."""
     if videos < 1:
-        raise ValueError("--videos must be at least 1")
+        raise OptionError("videos", videos, "must be at least 1")
     k = max(1, round(videos * held_out)) if videos >= 3 else 0
     n_train = videos - 2 * k
     # Roughly 4 videos per training character and 3 per training motion, each seen several times
@@ -135,9 +136,9 @@ def synthesize(out, videos: int, size: int | tuple[int, int], frames: int = 24, 
     out = Path(out)
     width, height = (size, size) if isinstance(size, int) else size
     if width % 8 or height % 8:
-        raise ValueError(f"size {width}x{height}: width and height must be multiples of 8")
+        raise OptionError("size", size, "width and height must be multiples of 8")
     if frames < 1:
-        raise ValueError("--frames must be at least 1")
+        raise OptionError("frames", frames, "must be at least 1")
     p = plan(videos, seed)
     meta = {}
     t = time.perf_counter()

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aa_trt.files import torch_dtype
+
 from aa_trt.models.unet import UNet
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ReferenceKV:
 
 def quantize_bank(bank: torch.Tensor, bank_dtype: str) -> torch.Tensor:
     """Moore stores the bank in fp16 (even in fp32 runs) and concatenation promotes it back."""
-    return bank.to(_DTYPES[bank_dtype]).to(bank.dtype)
+    return bank.to(torch_dtype(bank_dtype, "bank_dtype")).to(bank.dtype)
 
 
 def project_banks(denoiser: UNet, banks: list[torch.Tensor], bank_dtype: str = "float16") -> ReferenceKV:

@@ -181,7 +181,7 @@ class DWPoseExtractor:
         self.det_path, self.pose_path = d / DET_FILE, d / POSE_FILE
         for p in (self.det_path, self.pose_path):
             if not p.is_file():
-                raise InputError(f"{p}: DWPose model file not found (--dwpose needs a folder holding "
+                raise InputError(f"{p}: DWPose model file not found (the DWPose folder must hold "
                                  f"{DET_FILE} and {POSE_FILE})")
         ort = _onnxruntime()
         opts = ort.SessionOptions()
