@@ -132,11 +132,13 @@ def _data_denoised(args) -> int:
 
 def _eval(args) -> int:
     from aa_trt.files import write_json
+    from aa_trt.options import SampleOptions
     from aa_trt.training.evaluate import EvalOptions, evaluate, table
 
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
-                       videos=args.videos, frames=args.frames, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, device=args.device, baselines=args.baselines,
+                       videos=args.videos, frames=args.frames,
+                       sample=SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed),
+                       device=args.device, baselines=args.baselines,
                        ceiling=args.ceiling, model=args.model)
     result = evaluate(opts, progress=not args.quiet)
     if args.output:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_trt.errors import InputError
+from aa_trt.options import SampleOptions
 
 from aa_trt.training.baselines import copy_reference, skeleton_warp
 from aa_trt.training.metrics import frame_metrics
@@ -32,9 +33,8 @@ class EvalOptions:
     splits: tuple[str, ...] = SPLITS
     videos: int | None = None     # per split (default: all)
     frames: int = 24              # targets per video (one context window by default)
-    steps: int = 20
-    guidance: float | None = None  # None: the checkpoint's own (config.guidance)
-    seed: int = 0
+    # How the model samples (guidance None: the checkpoint's own); video i uses seed + i.
+    sample: SampleOptions = SampleOptions(seed=0)
     device: str = "cpu"
     baselines: bool = True
     # Also score the VAE's reconstruction of the true frames: what a perfect denoiser would reach
@@ -72,9 +72,11 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     if not Path(opts.ckpt).is_file():
         raise InputError(f"{opts.ckpt}: no such checkpoint")
     animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=torch.float32)
-    guidance = animator.config.guidance if opts.guidance is None else opts.guidance
-    result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": opts.steps,
-              "guidance": guidance, "seed": opts.seed, **opts.extra, "splits": {}}
+    sample = animator.sample_options(opts.sample)
+    result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": sample.steps,
+              "guidance": sample.guidance, "seed": sample.seed, **opts.extra, "splits": {}}
+    if sample.sampler != "ddim":
+        result["sampler"] = sample.sampler
     t0 = time.perf_counter()
     for split in opts.splits:
         entries = load_split(root, split)[: opts.videos]
@@ -89,8 +91,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
             h, w = ref.shape[:2]
             pred = {}
             if opts.model:
-                out = animator(Image.fromarray(ref), poses[1:1 + n], steps=opts.steps, guidance=guidance,
-                               seed=opts.seed + i, width=w, height=h, progress=False)
+                out = animator(Image.fromarray(ref), poses[1:1 + n], sample.replace(seed=sample.seed + i),
+                               width=w, height=h, progress=False)
                 pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
             if opts.baselines:
                 pred["copy"] = copy_reference(ref, n)
