@@ -220,6 +220,29 @@ def test_ort_refuses_other_build(built, ckpt, tmp_path):
         OrtAnimator.from_dir(copy)
     with pytest.raises(InputError, match="no aa-trt build here"):
         OrtAnimator.from_dir(tmp_path / "nothing")
+    # A build whose recorded tensor names are not this aa-trt's declaration is refused: the
+    # runtimes bind by name, never by position.
+    m["aa_trt_version"] = json.loads((out / mf.MANIFEST).read_text())["aa_trt_version"]
+    m["graphs"]["unet_cond"]["inputs"] = {("x" if k == "latents" else k): v
+                                          for k, v in m["graphs"]["unet_cond"]["inputs"].items()}
+    (copy / mf.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(InputError, match="graph unet_cond declares .* not this aa-trt's"):
+        OrtAnimator.from_dir(copy)
+
+
+def test_graphs_bind_by_name(built, specs):
+    from aa_trt.backends.onnxruntime import OrtGraph
+    from aa_trt.export.graphs import declared_names
+
+    out, _ = built
+    graph = OrtGraph(out / "unet_uncond.onnx")
+    feeds = specs["unet_uncond"].sample_inputs("opt")
+    assert tuple(feeds) == declared_names("unet_uncond", 0)[0]
+    ref = graph(**feeds)["prediction"]
+    shuffled = dict(reversed(list(feeds.items())))  # the order of the keywords does not matter
+    assert torch.equal(graph(**shuffled)["prediction"], ref)
+    with pytest.raises(InputError, match="missing \\['latents'\\], unexpected \\['x'\\]"):
+        graph(x=feeds["latents"], **{k: v for k, v in feeds.items() if k != "latents"})
 
 
 # ---------------------------------------------------------------------------------- TensorRT
