@@ -138,7 +138,7 @@ def _eval(args) -> int:
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
                        videos=args.videos, frames=args.frames,
                        sample=SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed),
-                       device=args.device, baselines=args.baselines,
+                       device=args.device, dtype=args.dtype, baselines=args.baselines,
                        ceiling=args.ceiling, model=args.model)
     result = evaluate(opts, progress=not args.quiet)
     if args.output:
@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the reference's aspect ratio with the model's short side, 512 for sd15)")
     r.add_argument("--height", type=int, default=None, help="output height, a multiple of 8")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    r.add_argument("--dtype", default="fp32", metavar="fp32|fp16|bf16", help="compute precision (default fp32)")
+    r.add_argument("--dtype", default="auto", metavar="auto|fp32|fp16|bf16",
+                   help="compute precision (default auto: fp16 on CUDA, bf16 on a CPU with AMX or "
+                   "AVX512-BF16, else fp32; fp32 is the Moore-exact path). The summary says which and why")
     r.add_argument("--window-batch", type=int, default=1, metavar="N",
                    help="context windows per UNet call (default 1; more can be faster on a GPU)")
     r.add_argument("--offload", action="store_true",
@@ -288,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("jobs", type=Path, help="jobs file (.jsonl)")
     bt.add_argument("--ckpt", type=Path, default=None, help="checkpoint for jobs that name none")
     bt.add_argument("--device", default=None, help="device for jobs that name none (cuda: each rank its GPU)")
-    bt.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                    help="precision for jobs that name none")
+    bt.add_argument("--dtype", default=None, metavar="auto|fp32|fp16|bf16",
+                    help="precision for jobs that name none (default auto, as `run`)")
     bt.add_argument("--status", type=Path, default=None, metavar="DIR",
                     help="folder for the per-job status files (default: JOBS.status beside the jobs file)")
     _add_report_flags(bt)
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's; 3.5 for Moore's)")
     e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="auto", metavar="auto|fp32|fp16|bf16",
+                   help="compute precision (default auto, as `run`; fp32 for Moore-exact numbers)")
     e.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model only")
     e.add_argument("--no-model", dest="model", action="store_false",
                    help="score the baselines (and --ceiling) only, without sampling the model")

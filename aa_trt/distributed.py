@@ -156,13 +156,14 @@ def _lead(opts, report) -> int:
 
 
 def _follow(opts) -> int:
-    from aa_trt.files import torch_dtype
+    from aa_trt.precision import choose
     from aa_trt.run import checkpoint_path
 
     anim, err = None, None
     try:
         anim = DistributedAnimator.follower(checkpoint_path(opts.ckpt), device=D.local_device(opts.device),
-                                            dtype=torch_dtype(opts.dtype), parallel=opts.parallel,
+                                            dtype=choose(opts.dtype, opts.device).torch_dtype(),
+                                            parallel=opts.parallel,
                                             compile=opts.compile, cuda_graph=opts.cuda_graph)
     except Exception as e:  # noqa: BLE001 -- reported to every rank by follow/agree
         err = e

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from aa_trt.errors import InputError, OptionError
-from aa_trt.files import torch_dtype
 from aa_trt.guidance import check_parallel_mode
 from aa_trt.options import SampleOptions
+from aa_trt.precision import check_name, choose
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"
 
@@ -43,7 +43,7 @@ class RunOptions:
     width: int | None = None
     height: int | None = None
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # precision.choose: the machine's fastest; fp32 is the Moore-exact path
     offload: bool = False
     compile: bool = False
     cuda_graph: bool = False
@@ -65,7 +65,7 @@ class RunOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
                 raise OptionError(name, v, "must be a positive multiple of 8")
-        torch_dtype(self.dtype)
+        check_name(self.dtype)
         check_parallel_mode(self.parallel)
         if self.cuda_graph and not str(self.device).startswith("cuda"):
             raise OptionError("cuda_graph", True, f"needs a CUDA device (CUDA graphs replay GPU work); "
@@ -172,14 +172,19 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
     with timer("load"):
         width, height = output_size(ref_image.size, min(config.default_size), opts.width, opts.height)
         if opts.engine is not None:
-            # The graphs of `aa-trt build`: TensorRT where available, else onnxruntime. The
-            # checkpoint is still read for its config and to refuse a DIR built from another one.
+            # The graphs of `aa-trt build`: the backend picks its engine and precision and says
+            # why. The checkpoint is still read for its config and to refuse a DIR built from
+            # another one.
             from aa_trt.backends import animator_from_dir
             anim = animator_from_dir(opts.engine, ckpt)
+            precision = (getattr(anim, "backend_name", type(anim).__name__),
+                         getattr(anim, "backend_reason", "the build's graphs"))
         else:
+            chosen = choose(opts.dtype, opts.device)
             anim = (make_animator or Animator.from_pretrained)(ckpt, device=opts.device,
-                                                              dtype=torch_dtype(opts.dtype))
+                                                              dtype=chosen.torch_dtype())
             anim.set_options(offload=opts.offload, compile=opts.compile, cuda_graph=opts.cuda_graph)
+            precision = (chosen.name, chosen.reason)
     with timer("pose"):
         poses, facts = driving_poses(opts, clip, ref_image, width, height)
     with timer("animate"):
@@ -190,7 +195,8 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
     return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
             "guidance": sample.guidance, "steps": sample.steps, "sampler": sample.sampler,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
-            "checkpoint": str(ckpt), "backend": type(anim).__name__, **facts,
+            "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
+            "precision_reason": precision[1], **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
 
 
@@ -225,7 +231,8 @@ def pose_preview(driving: Path, output: Path, ref: Path | None = None, dwpose=No
 def summary_line(result: dict) -> str:
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     size = f" {result['width']}x{result['height']}" if "width" in result else ""
-    return f"wrote {result['output']}: {result['frames']} frames{size}; {secs}"
+    how = f" in {result['precision']} ({result['precision_reason']})" if "precision" in result else ""
+    return f"wrote {result['output']}: {result['frames']} frames{size}{how}; {secs}"
 
 
 def as_json(result: dict) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from aa_trt.errors import InputError
 from aa_trt.options import SampleOptions
+from aa_trt.precision import choose
 
 from aa_trt.training.baselines import copy_reference, skeleton_warp
 from aa_trt.training.metrics import frame_metrics
@@ -36,6 +37,7 @@ class EvalOptions:
     # How the model samples (guidance None: the checkpoint's own); video i uses seed + i.
     sample: SampleOptions = SampleOptions(seed=0)
     device: str = "cpu"
+    dtype: str = "auto"           # aa_trt.precision.choose
     baselines: bool = True
     # Also score the VAE's reconstruction of the true frames: what a perfect denoiser would reach
     # through this VAE (the ceiling of any model built on it).
@@ -62,7 +64,6 @@ def load_synth_meta(meta: Path) -> list[dict]:
 
 
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
-    import torch
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -71,10 +72,12 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     root = Path(opts.data)
     if not Path(opts.ckpt).is_file():
         raise InputError(f"{opts.ckpt}: no such checkpoint")
-    animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=torch.float32)
+    precision = choose(opts.dtype, opts.device)
+    animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=precision.torch_dtype())
     sample = animator.sample_options(opts.sample)
     result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": sample.steps,
-              "guidance": sample.guidance, "seed": sample.seed, **opts.extra, "splits": {}}
+              "guidance": sample.guidance, "seed": sample.seed, "precision": precision.name,
+              "precision_reason": precision.reason, **opts.extra, "splits": {}}
     if sample.sampler != "ddim":
         result["sampler"] = sample.sampler
     t0 = time.perf_counter()
