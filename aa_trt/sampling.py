@@ -1,8 +1,12 @@
 """The denoise loop, kept apart from preparation: the noise schedule and the samplers.
 
 Samplers have one signature (k-diffusion's): `sample_xxx(model, x, schedule, extra_args, callback,
-disable)`, where `model(x, t, **extra_args)` returns the guided prediction for the whole video
-(aa_trt.guidance.windowed_guidance builds it from a per-window UNet step).
+disable, *, start=0, carry=None)`, where `model(x, t, **extra_args)` returns the guided prediction
+for the whole video (aa_trt.guidance.windowed_guidance builds it from a per-window UNet step).
+Resumable: after step i the callback gets {"i", "t", "x", "pred", "carry"}, where `carry` holds
+every tensor besides x that the sampler needs to go on (a multistep method's earlier outputs;
+nothing for DDIM); `sample_xxx(model, x, schedule, start=i + 1, carry=carry)` then continues
+exactly where the interrupted run was, bit for bit on the same machine.
 """
 from __future__ import annotations
 
@@ -100,15 +104,18 @@ def ddim_step(x: torch.Tensor, pred: torch.Tensor, alpha_t: float, alpha_prev: f
 
 @torch.no_grad()
 def sample_ddim(model: Callable, x: torch.Tensor, schedule: DDIMSchedule, extra_args=None,
-                callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
-    """DDIM sampling, Song et al. 2020 (eta = 0). x: initial noise (any shape)."""
+                callback: Callable | None = None, disable: bool | None = None, *, start: int = 0,
+                carry: dict | None = None) -> torch.Tensor:
+    """DDIM sampling, Song et al. 2020 (eta = 0). x: initial noise (any shape), or with `start` the
+    latents after step start - 1 (DDIM carries nothing else between steps: `carry` is unused)."""
     extra_args = extra_args or {}
-    for i, (t, t_prev) in enumerate(tqdm(list(zip(schedule.timesteps, schedule.prev_timesteps)),
-                                         desc="denoise", unit="step", disable=disable)):
+    steps = list(zip(schedule.timesteps, schedule.prev_timesteps))
+    for i in tqdm(range(start, len(steps)), desc="denoise", unit="step", disable=disable):
+        t, t_prev = steps[i]
         pred = model(x, t, **extra_args)
         x = ddim_step(x, pred, schedule.alpha(t), schedule.alpha(t_prev), schedule.prediction_type)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "pred": pred})
+            callback({"i": i, "t": t, "x": x, "pred": pred, "carry": {}})
     return x
 
 
