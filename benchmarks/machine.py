@@ -36,9 +36,22 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _cpu_flags() -> list[str]:
+    """The flags that decide the CPU's fast paths (bf16/fp16/int8 matrix units, vector widths)."""
+    from aa_trt.precision import Machine
+
+    keep = ("amx", "avx512", "avx2", "avx_vnni", "fma", "f16c")
+    return sorted(f for f in Machine.detect().cpu_flags if f.startswith(keep))
+
+
 def describe() -> dict:
+    from aa_trt.precision import choose
+
+    auto = choose("auto", "cuda" if torch.cuda.is_available() else "cpu")
     info = dict(
         cpu_model=_cpu_model(),
+        cpu_flags=_cpu_flags(),
+        dtype_auto={"name": auto.name, "reason": auto.reason},
         logical_cpus=os.cpu_count(),
         usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         torch_threads=torch.get_num_threads(),

@@ -1,0 +1,94 @@
+"""The whole pipeline at SD1.5's structure (half widths), on the CPU: the Moore-style pipeline in
+fp32 against aa-trt in fp32 and aa-trt at `--dtype auto` (what this machine picks: bf16 with
+AMX-BF16 or AVX512-BF16, fp32 without), in one run, round by round (issue 21).
+
+Half widths (UNet 160/320/640/640, VAE 64/128/256/256; CLIP ViT-L/14 and everything else as
+sd15) keep a round to minutes on 2 cores with the layout, kernels and attention shapes of SD1.5
+(head dim 20 instead of 40: the attention is relatively dearer here than at full width). Random
+weights; 256x256, 16 frames (one window), 4 DDIM steps, CFG 3.5. The results file records the
+CPU's model and its bf16/AVX flags (machine.describe) and what auto chose.
+"""
+import copy
+import dataclasses
+import statistics
+
+import pytest
+import torch
+
+from aa_trt.config import PRESETS
+from aa_trt.pipeline import Animator, vae_dtype_for
+from aa_trt.precision import choose
+
+from .moore_baseline import moore_animate
+from .timing import PER_ROUND, compare
+from .workloads import full_models, video_inputs
+
+SIZE = dict(frames=16, height=256, width=256, steps=4, guidance=3.5)
+
+
+def sd15_half():
+    base = PRESETS["sd15"]
+    return dataclasses.replace(
+        base, name="sd15-half",
+        unet=dataclasses.replace(base.unet, block_out_channels=(160, 320, 640, 640)),
+        pose_guider=dataclasses.replace(base.pose_guider, embedding_channels=160),
+        vae=dict(base.vae, block_out_channels=[64, 128, 256, 256]))
+
+
+def _animator(models, dtype: torch.dtype) -> Animator:
+    m = copy.deepcopy(models)
+    for name, module in m.components().items():
+        module.to(vae_dtype_for(dtype) if name == "vae" else dtype)
+    return Animator(m, "cpu", dtype)
+
+
+@pytest.fixture(scope="module")
+def animators():
+    models = full_models(sd15_half(), seed=0)
+    auto = choose("auto", "cpu")
+    fp32 = _animator(models, torch.float32)
+    fast = fp32 if auto.name == "fp32" else _animator(models, auto.torch_dtype())
+    return fp32, fast, auto
+
+
+def _ours(animator, ref, poses, latents):
+    def run():
+        cond = animator.prepare(ref, poses)
+        out = animator.denoise(cond, latents, steps=SIZE["steps"], guidance=SIZE["guidance"], progress=False)
+        return animator.decode(out)
+    return run
+
+
+@pytest.mark.benchmark(group="pipeline-sd15-half-cpu")
+def test_whole_pipeline_fp32_and_auto(benchmark, animators, rounds, record):
+    fp32, fast, auto = animators
+    ref, poses, latents = video_inputs(SIZE["frames"], SIZE["height"], SIZE["width"])
+    frames = {}
+
+    def moore():
+        frames["moore"] = moore_animate(fp32, ref, poses, latents, steps=SIZE["steps"], guidance=SIZE["guidance"])
+
+    ours_fp32, ours_auto = _ours(fp32, ref, poses, latents), _ours(fast, ref, poses, latents)
+
+    def probe():  # aa-trt fp32, timed in the same round as the other two
+        frames["fp32"] = ours_fp32()
+
+    t = compare(benchmark, lambda: frames.__setitem__("auto", ours_auto()), moore, rounds, warmup=0,
+                probe=probe)
+    fp32_s = t.probe
+    # fp32 is the same computation as the baseline (Moore-exact); auto is within bf16's error.
+    assert abs(frames["fp32"] - frames["moore"]).max() < 1e-3
+    psnr = 10 * torch.log10(1 / torch.as_tensor((frames["auto"] - frames["fp32"]) ** 2).double().mean()).item()
+    s = t.summary()
+    label = ("sd15 half widths, {width}x{height}, {frames} frames, {steps} steps, CFG {guidance}, "
+             "CPU, {threads} threads").format(**SIZE, threads=torch.get_num_threads())
+    per_round_fp32 = [b / o for b, o in zip(t.baseline, fp32_s)]
+    details = dict(s, fp32_s=fp32_s, auto=dataclasses.asdict(auto), psnr_auto_vs_fp32_db=psnr)
+    benchmark.extra_info.update(details)
+    record(f"whole pipeline, aa-trt fp32 ({label})", statistics.median(fp32_s), "s",
+           baseline=s["baseline_median_s"], ratio=statistics.median(per_round_fp32), ratio_of=PER_ROUND,
+           details=details)
+    record(f"whole pipeline, aa-trt --dtype auto = {auto.name} ({auto.reason}) ({label})",
+           s["ours_median_s"], "s", baseline=s["baseline_median_s"], ratio=s["speedup_per_round"],
+           ratio_of=PER_ROUND, details=details)
+    record(f"frames of --dtype auto ({auto.name}) against fp32's, PSNR ({label})", psnr, "dB")
