@@ -115,3 +115,63 @@ def compare(spec: GraphSpec, session, dims: dict[str, int] | str = "opt", seed: 
         scale = max(scale, float(np.abs(ref[name]).max()))
     return {"max_abs_error": err, "ref_max_abs": scale,
             "ok": err <= spec.tolerance * max(1.0, scale)}
+
+
+SHARED_ALIGN = 4096  # page-aligned offsets: the runtimes may map the tensors straight from the file
+
+
+def share_weights(paths, data_path, size_threshold: int = 1024) -> dict:
+    """Rewrite the ONNX graphs at `paths` so that their initializers of `size_threshold` bytes or
+    more live once in one external data file, `data_path` (beside them): a tensor whose bytes
+    equal an earlier one's (the cond and uncond UNet steps hold the same UNet) points at the same
+    offset. Exact: the bytes are the graphs' own, only stored once. One graph in memory at a time;
+    nothing is renamed into place before every file is written. Returns {"bytes", "tensors",
+    "shared_bytes"} (shared_bytes: what the repeated copies would have cost)."""
+    import contextlib
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    from aa_trt.files import atomic_output
+
+    data_path = Path(data_path)
+    where: dict[bytes, tuple[int, int]] = {}
+    offset, shared = 0, 0
+    with contextlib.ExitStack() as stack:
+        # Exited in reverse: the data file is renamed into place first, then the graphs.
+        graph_tmps = [stack.enter_context(atomic_output(p)) for p in paths]
+        data_tmp = stack.enter_context(atomic_output(data_path))
+        with open(data_tmp, "wb") as fh:
+            for p, tmp in zip(paths, graph_tmps):
+                model = onnx.load(str(p), load_external_data=True)
+                for t in model.graph.initializer:
+                    raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                    if len(raw) < size_threshold:
+                        continue
+                    digest = hashlib.sha256(raw).digest() + len(raw).to_bytes(8, "little")
+                    if digest in where:
+                        shared += len(raw)
+                    else:
+                        pad = -offset % SHARED_ALIGN
+                        fh.write(b"\0" * pad)
+                        where[digest] = (offset + pad, len(raw))
+                        fh.write(raw)
+                        offset += pad + len(raw)
+                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                                  "uint64_data", "string_data"):
+                        t.ClearField(field)
+                    at, length = where[digest]
+                    del t.external_data[:]
+                    for k, v in (("location", data_path.name), ("offset", str(at)), ("length", str(length))):
+                        entry = t.external_data.add()
+                        entry.key, entry.value = k, v
+                    t.data_location = onnx.TensorProto.EXTERNAL
+                Path(tmp).write_bytes(model.SerializeToString())
+                del model
+    # The graphs' own side files (large models) are not referenced any more.
+    for p in paths:
+        own = data_file(Path(p))
+        if own.exists():
+            own.unlink()
+    return {"bytes": data_path.stat().st_size, "tensors": len(where), "shared_bytes": shared}

@@ -36,6 +36,8 @@ class OrtGraph:
 
 
 class OrtAnimator(GraphAnimator):
+    backend_name, backend_reason = "onnxruntime", ""
+
     @classmethod
     def from_dir(cls, engine_dir, checkpoint=None, providers: list[str] | None = None,
                  threads: int | None = None) -> "OrtAnimator":

@@ -76,6 +76,8 @@ class TrtEngine:
 
 
 class TrtAnimator(GraphAnimator):
+    backend_name, backend_reason = "tensorrt", ""
+
     @classmethod
     def from_dir(cls, engine_dir, checkpoint=None, device="cuda") -> "TrtAnimator":
         """As OrtAnimator.from_dir, on the DIR's TensorRT engines."""

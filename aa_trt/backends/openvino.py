@@ -1,0 +1,199 @@
+"""OpenVINO backend: an `aa-trt build` DIR's graphs, compiled by `aa-trt build --backend openvino`
+for this CPU and cached in DIR as OpenVINO's own compiled blobs, behind the same calls as the torch
+modules (see backends/graphs.py).
+
+openvino is imported only inside functions (`pip install "aa-trt[openvino]"`). The precision is
+decided in one place, `choose_precision`: bf16 where the CPU lists BF16 among OpenVINO's
+OPTIMIZATION_CAPABILITIES, f32 elsewhere; the build and the run both ask it, and a DIR compiled
+for another precision, another OpenVINO or other graphs is refused with one line.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
+from aa_trt.errors import AATrtError, InputError, OptionError
+
+INSTALL_HINT = 'pip install "aa-trt[openvino]"'
+PRECISIONS = ("bf16", "f32")
+DEVICE = "CPU"
+
+
+def import_openvino():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise AATrtError(f"openvino is not installed: {INSTALL_HINT}") from None
+    return ov
+
+
+def available() -> bool:
+    """Whether openvino imports here (without importing it twice)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_version() -> str:
+    return import_openvino().__version__
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU (e.g. BF16, FP32, INT8, FP16)."""
+    ov = import_openvino()
+    return tuple(str(c) for c in ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def choose_precision(precision: str | None = None, built: tuple[str, str] | None = None) -> tuple[str, str]:
+    """(precision, why): the precision OpenVINO compiles (build) or runs (run) the graphs in, and a
+    short reason. precision: None or "auto", "bf16" or "f32". Auto at build time: bf16 where the
+    CPU lists BF16 in OPTIMIZATION_CAPABILITIES, else f32. At run time `built` is the build's
+    (precision, why): auto keeps it where this CPU can run it (a bf16 build on a CPU without BF16
+    gets f32, which the build then does not match)."""
+    if precision not in (None, "auto", *PRECISIONS):
+        raise OptionError("precision", precision, "expected auto, bf16 or f32")
+    caps = cpu_capabilities()
+    if precision == "bf16" and "BF16" not in caps:
+        raise OptionError("precision", precision, f"this CPU does not list BF16 (it lists {', '.join(caps)})")
+    if precision in PRECISIONS:
+        return precision, "asked for"
+    if built is not None and (built[0] == "f32" or "BF16" in caps):
+        return built[0], built[1] if built[1] != "asked for" else f"built for {built[0]}"
+    if "BF16" in caps:
+        return "bf16", "CPU lists BF16"
+    return "f32", "CPU does not list BF16"
+
+
+def compile_config(precision: str, threads: int | None = None) -> dict:
+    """The CPU plugin's settings: the precision stated explicitly (OpenVINO's own default is bf16
+    on BF16 CPUs), one stream, latency-first."""
+    cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    return cfg
+
+
+def blob_name(graph: str, precision: str) -> str:
+    """The compiled graph's file in DIR (the OpenVINO version is in the manifest's key)."""
+    return f"{graph}.openvino-{precision}.blob"
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+class OvGraph:
+    """One OpenVINO compiled model called with torch tensors by input name -> {output name:
+    tensor}. Built from an ONNX file (compiled now) or from a blob that `compile` exported."""
+
+    def __init__(self, compiled, names: tuple[tuple[str, ...], tuple[str, ...]], path=None):
+        self.compiled, self.path = compiled, path
+        self.request = compiled.create_infer_request()
+        # OpenVINO may give a port several names (an input that feeds a Cast directly also carries
+        # the Cast's output name): bind each declared name to the port that has it.
+        self.inputs = {n: self._port(compiled.inputs, n) for n in names[0]}
+        self.outputs = {n: self._port(compiled.outputs, n) for n in names[1]}
+        self.input_names, self.output_names = list(self.inputs), list(self.outputs)
+
+    def _port(self, ports, name):
+        for p in ports:
+            if name in p.get_names():
+                return p
+        raise InputError(f"{self.path}: the compiled graph has no tensor named {name!r}; rebuild it "
+                         f"with `aa-trt build --backend openvino`")
+
+    @classmethod
+    def compile(cls, onnx_path, names, precision: str, threads: int | None = None) -> "OvGraph":
+        ov = import_openvino()
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(onnx_path)), DEVICE, compile_config(precision, threads))
+        return cls(compiled, names, onnx_path)
+
+    @classmethod
+    def load(cls, blob_path, names, precision: str, threads: int | None = None) -> "OvGraph":
+        ov = import_openvino()
+        compiled = ov.Core().import_model(io.BytesIO(Path(blob_path).read_bytes()), DEVICE,
+                                          compile_config(precision, threads))
+        return cls(compiled, names, blob_path)
+
+    def export(self, path) -> int:
+        """Write the compiled model (atomically) to `path`; its size in bytes."""
+        from aa_trt.files import atomic_output
+
+        buf = io.BytesIO()
+        self.compiled.export_model(buf)
+        with atomic_output(path) as tmp:
+            Path(tmp).write_bytes(buf.getbuffer())
+        return Path(path).stat().st_size
+
+    def __call__(self, device="cpu", **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        bind_check(str(self.path), self.input_names, inputs)
+        feeds = {self.inputs[n]: _np(x) for n, x in inputs.items()}
+        res = self.request.infer(feeds)
+        # infer() copies the outputs out of the request's buffers (share_outputs=False): each
+        # returned tensor owns its memory.
+        return {n: torch.from_numpy(np.asarray(res[p])).to(device) for n, p in self.outputs.items()}
+
+
+def check_build(engine_dir, manifest: dict, precision: str, why: str) -> dict:
+    """The build's OpenVINO section, when it was compiled for `precision` by this OpenVINO from
+    the graphs the build holds; otherwise one InputError line saying what differs."""
+    rebuild = "rebuild it with `aa-trt build --backend openvino`"
+    ov_part = manifest.get("openvino")
+    if not ov_part or not ov_part.get("graphs"):
+        raise InputError(f"{engine_dir}: the build has no OpenVINO graphs; {rebuild}")
+    version = openvino_version()
+    if ov_part.get("version") != version:
+        raise InputError(f"{engine_dir}: compiled by OpenVINO {ov_part.get('version')}, this is "
+                         f"OpenVINO {version}; {rebuild}")
+    if ov_part.get("precision") != precision:
+        raise InputError(f"{engine_dir}: compiled for {ov_part.get('precision')}, this run wants "
+                         f"{precision} ({why}); {rebuild}")
+    for g in GRAPHS:
+        entry, graph = ov_part["graphs"].get(g), manifest["graphs"][g]
+        if entry is None:
+            raise InputError(f"{engine_dir}: no OpenVINO graph for {g}; {rebuild}")
+        if entry.get("graph_key") != graph["key"] or entry.get("graph_files") != graph["files"]:
+            raise InputError(f"{engine_dir}: the OpenVINO graph {g} was compiled from other ONNX "
+                             f"graphs; {rebuild}")
+        blob = Path(engine_dir) / entry["file"]
+        if not blob.is_file() or blob.stat().st_size != entry["size"]:
+            raise InputError(f"{engine_dir}: {entry['file']} is missing or truncated; {rebuild}")
+    return ov_part
+
+
+class OvAnimator(GraphAnimator):
+    backend_name = "openvino"
+    backend_reason = ""
+
+    @classmethod
+    def from_dir(cls, engine_dir, checkpoint=None, precision: str | None = None,
+                 threads: int | None = None) -> "OvAnimator":
+        """As OrtAnimator.from_dir, on the DIR's compiled OpenVINO graphs. precision: None/"auto"
+        (the build's, where this CPU runs it: choose_precision), "bf16" or "f32"; a DIR compiled
+        for another precision, by another OpenVINO, or from other graphs is refused (InputError,
+        one line)."""
+        from aa_trt.export import manifest as mf
+        from aa_trt.export.graphs import declared_names
+        from aa_trt.backends.graphs import check_declarations
+        from aa_trt.files import file_sha256
+
+        import_openvino()
+        sha = file_sha256(checkpoint) if checkpoint is not None else None
+        m = mf.load_for_run(engine_dir, sha, GRAPHS)
+        n_kv = check_declarations(engine_dir, m)
+        recorded = m.get("openvino") or {}
+        built = (recorded["precision"], recorded.get("reason", "")) if recorded.get("precision") else None
+        precision, why = choose_precision(precision, built)
+        part = check_build(engine_dir, m, precision, why)
+        threads = threads or torch.get_num_threads()
+        graphs = {g: OvGraph.load(Path(engine_dir) / part["graphs"][g]["file"], declared_names(g, n_kv),
+                                  precision, threads) for g in GRAPHS}
+        anim = cls(engine_dir, m, graphs, "cpu")
+        anim.backend_name, anim.backend_reason = f"openvino {precision}", why
+        anim.precision = precision
+        return anim

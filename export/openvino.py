@@ -1,0 +1,108 @@
+"""OpenVINO graphs from the checked ONNX graphs: compiled for this CPU's precision, cached in DIR,
+and measured against PyTorch at build time.
+
+Cached as OpenVINO's own compiled blobs (`CompiledModel.export_model`, loaded by `Core.import_model`)
+rather than through CACHE_DIR or IR files: a blob is the compiled model itself (no compile at run:
+0.45 s to import the tiny UNet step against 2.5 s to compile it), it has a name the manifest can
+record with its size and key, and a stale one is refused rather than silently recompiled under a
+hashed name. Each blob's manifest entry holds the graph's key and files it was compiled from; the
+OpenVINO section holds the OpenVINO version and the precision. Anything else is recompiled.
+
+Tolerances, per precision, on seeded random inputs at the "opt" profile point:
+- f32: max |ov - torch| <= the graph's own onnxruntime tolerance x max(1, max |torch|).
+- bf16: relative L2, ||ov - torch|| / ||torch||, <= BF16_REL_L2 for every output. bf16 keeps 8
+  significant bits (unit roundoff 2^-9 = 0.2%) and the error grows with depth. Measured on the tiny
+  preset (random weights, seeds 1-3, "opt" point): CLIP 0.6%, VAE encoder 1.2-1.7%, decoder 1.0%,
+  PoseGuider 0.2%, reference K/V 1.1-1.4%, UNet steps 4.5-6.0%, where torch's own bf16 (the module
+  cast to bf16) gives 0.6%, 1.4-1.6%, 1.1%, 0.2%, 1.2-1.6% and 2.4-6.3% on the same calls. The
+  UNet's error grows with the timestep: 1.6% at t=5, 3.5% at t=500, 11.3% at t=999 (torch bf16:
+  1.8%, 1.5%, 5.6%). OpenVINO bf16 against its own f32 on the half-width sd15 UNet step: 2.6%.
+  15% holds all of that; a wrong graph (wiring, weights) is off by ~100%.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from aa_trt.backends import openvino as ovb
+from aa_trt.export.onnx_io import ExportError, run_torch
+
+BF16_REL_L2 = 0.15
+
+
+def tolerance(precision: str) -> dict:
+    if precision == "bf16":
+        return {"metric": "rel_l2", "rel_l2": BF16_REL_L2}
+    return {"metric": "max_abs", "max_abs": "the graph's tolerance x max(1, max |torch|)"}
+
+
+def compare(spec, graph, precision: str, dims="opt", seed: int = 1) -> dict:
+    """Seeded random inputs (never zeros) through PyTorch and the OpenVINO graph: max abs error,
+    relative L2 (worst output), the reference's scale, and whether the precision's tolerance holds."""
+    inputs = spec.sample_inputs(dims, seed)
+    ref = run_torch(spec, inputs)
+    got = graph(**inputs)
+    err = scale = rel = 0.0
+    for name in spec.output_names:
+        g, r = got[name].double().numpy(), ref[name].astype(np.float64)
+        if g.shape != r.shape:
+            raise ExportError(f"{spec.name}: OpenVINO output {name} has shape {g.shape}, torch gives {r.shape}")
+        err = max(err, float(np.abs(g - r).max()))
+        scale = max(scale, float(np.abs(r).max()))
+        rel = max(rel, float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)))
+    ok = rel <= BF16_REL_L2 if precision == "bf16" else err <= spec.tolerance * max(1.0, scale)
+    return {"max_abs_error": err, "ref_max_abs": scale, "rel_l2": rel, "ok": ok}
+
+
+def _limit(spec, precision: str) -> str:
+    return f"relative L2 {BF16_REL_L2:g}" if precision == "bf16" else f"max abs {spec.tolerance:g} x max(1, max |torch|)"
+
+
+def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, precision: str, why: str,
+                   threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """The manifest's "openvino" section: every graph of the manifest compiled for `precision`,
+    its blob in `out_dir`, checked against torch; blobs still matching (same graph key and files,
+    same OpenVINO, same precision) are reused."""
+    out_dir = Path(out_dir)
+    version = ovb.openvino_version()
+    same = bool(old) and old.get("version") == version and old.get("precision") == precision
+    prev_graphs = (old or {}).get("graphs", {}) if same else {}
+    part = {"version": version, "precision": precision, "reason": why,
+            "capabilities": list(ovb.cpu_capabilities()), "tolerance": tolerance(precision), "graphs": {}}
+    for name, entry in manifest["graphs"].items():
+        spec = specs[name]
+        names = (tuple(spec.input_names), tuple(spec.output_names))
+        blob = out_dir / ovb.blob_name(name, precision)
+        prev = prev_graphs.get(name)
+        if (prev and prev.get("graph_key") == entry["key"] and prev.get("graph_files") == entry["files"]
+                and blob.is_file() and blob.stat().st_size == prev.get("size")):
+            part["graphs"][name] = prev
+            log(f"{name}: OpenVINO {precision} blob up to date, reused")
+            continue
+        t = time.perf_counter()
+        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, precision, threads)
+        compile_s = time.perf_counter() - t
+        size = compiled.export(blob)
+        del compiled
+        t = time.perf_counter()
+        graph = ovb.OvGraph.load(blob, names, precision, threads)  # verify what `run` will load
+        load_s = time.perf_counter() - t
+        t = time.perf_counter()
+        r = compare(spec, graph, precision)
+        verify_s = time.perf_counter() - t
+        if not r["ok"]:
+            blob.unlink()
+            raise ExportError(f"{name}: OpenVINO {precision} differs from PyTorch (max abs "
+                              f"{r['max_abs_error']:.3g}, relative L2 {r['rel_l2']:.3g}; tolerance "
+                              f"{_limit(spec, precision)})")
+        part["graphs"][name] = {
+            "file": blob.name, "size": size, "graph_key": entry["key"], "graph_files": entry["files"],
+            "compile_s": round(compile_s, 3), "load_s": round(load_s, 3), "verify_s": round(verify_s, 3),
+            "max_abs_error": r["max_abs_error"], "ref_max_abs": r["ref_max_abs"], "rel_l2": r["rel_l2"],
+            "verified_at": "opt"}
+        log(f"{name}: OpenVINO {precision} compiled in {compile_s:.1f} s, vs torch max abs error "
+            f"{r['max_abs_error']:.2e}, relative L2 {r['rel_l2']:.2e}")
+    return part
