@@ -22,7 +22,7 @@ def _convert(args) -> int:
 
 def _build(args) -> int:
     from aa_trt.checkpoint import read_config
-    from aa_trt.errors import InputError
+    from aa_trt.errors import InputError, OptionError
     from aa_trt.export.build import build
     from aa_trt.export.graphs import GRAPHS, BuildShapes
 
@@ -32,10 +32,17 @@ def _build(args) -> int:
                              frames=args.frames, windows=args.window_batch)
         graphs = tuple(args.graphs.split(",")) if args.graphs else GRAPHS
         m = build(args.ckpt, args.output, shapes, opset=args.opset, fp16=args.fp16, graphs=graphs,
-                  tensorrt=args.tensorrt)
+                  tensorrt=args.tensorrt, backend=args.backend, precision=args.precision)
+    except OptionError as e:
+        raise InputError(e.as_flag()) from None
     except ValueError as e:  # shapes, graph names, frames beyond the motion modules' table
         raise InputError(str(e)) from None
-    print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs) in {m['build_s']:.1f} s")
+    extra = ""
+    if m.get("openvino"):
+        extra = f", OpenVINO {m['openvino']['precision']} ({m['openvino']['reason']})"
+    elif m.get("engines"):
+        extra = f", TensorRT engines ({m['precision']['engines']})"
+    print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs{extra}) in {m['build_s']:.1f} s")
     return 0
 
 
@@ -200,12 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default="moore-v2", help="model name recorded in the checkpoint")
     c.set_defaults(func=_convert)
 
-    b = sub.add_parser("build", help="checkpoint -> checked ONNX graphs (+ TensorRT engines)",
+    b = sub.add_parser("build", help="checkpoint -> checked ONNX graphs (+ TensorRT engines or OpenVINO graphs)",
                        description="Export every submodel to ONNX, check each graph (onnx.checker, "
                        "full) and measure it against PyTorch with onnxruntime on random inputs, and "
                        "record it all in DIR/manifest.json. Graphs whose manifest entry still matches "
-                       "(checkpoint hash, shapes, opset, aa-trt version) are reused. TensorRT engines "
-                       "are built too where TensorRT and a CUDA device are present.")
+                       "(checkpoint hash, shapes, opset, aa-trt version) are reused. Per --backend, "
+                       "TensorRT engines (CUDA) or OpenVINO compiled graphs (CPU, bf16 where the CPU "
+                       "lists BF16) are built and checked against PyTorch too.")
     b.add_argument("--ckpt", required=True, metavar="FILE", help="aa-trt checkpoint (.safetensors)")
     b.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for graphs and manifest")
     b.add_argument("--height", type=int, default=None,
@@ -222,8 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--graphs", default=None, metavar="LIST",
                    help="comma-separated subset of: clip, vae_encoder, vae_decoder, pose_guider, "
                    "reference_kv, unet_cond, unet_uncond (default: all)")
-    b.add_argument("--tensorrt", choices=("auto", "on", "off"), default="auto",
-                   help="build TensorRT engines: where available (auto), or fail without (on)")
+    b.add_argument("--backend", choices=("auto", "openvino", "onnxruntime", "tensorrt"), default=None,
+                   help="what to compile the graphs for: auto (default: TensorRT on CUDA where importable, "
+                   "OpenVINO on CPU where installed, else the ONNX graphs for onnxruntime alone)")
+    b.add_argument("--precision", choices=("auto", "bf16", "f32"), default=None,
+                   help="OpenVINO precision (default auto: bf16 where the CPU lists BF16, else f32)")
+    b.add_argument("--tensorrt", choices=("auto", "on", "off"), default=None,
+                   help="older spelling: on = --backend tensorrt, off = --backend onnxruntime, "
+                   "auto = TensorRT where available, else onnxruntime")
     b.set_defaults(func=_build)
 
     r = sub.add_parser("run", help="reference picture + dance video -> mp4 of the character dancing",
