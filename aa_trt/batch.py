@@ -146,7 +146,7 @@ def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[s
         write_status(path, {**base, "state": "failed", "error": str(opts), "finished": time.time()})
         return "failed", str(opts)
     base["output"] = str(opts.output)
-    if opts.output.exists():
+    if opts.output.is_file() or (opts.output.is_dir() and any(opts.output.iterdir())):
         old = read_status(path)
         if not (old and old.get("state") in ("done", "skipped") and old.get("output") == str(opts.output)):
             write_status(path, {**base, "state": "skipped", "reason": "output exists", "finished": time.time()})

@@ -85,7 +85,7 @@ def _batch(args) -> int:
     from aa_trt.errors import AATrtError
     from aa_trt.run import as_json
 
-    defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype}
+    defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype, "resume": args.resume}
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
         s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print)
@@ -144,7 +144,9 @@ def _eval(args) -> int:
 
     opts = EvalOptions(ckpt=str(args.ckpt), data=str(args.data), splits=tuple(args.splits.split(",")),
                        videos=args.videos, frames=args.frames,
-                       sample=SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed),
+                       sample=SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                            sampler=args.sampler, guidance_interval=args.guidance_interval),
+                       agreement_steps=args.agreement_steps,
                        device=args.device, dtype=args.dtype, baselines=args.baselines,
                        ceiling=args.ceiling, model=args.model)
     result = evaluate(opts, progress=not args.quiet)
@@ -243,10 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="reference picture + dance video -> mp4 of the character dancing",
                        description="Extract the dance video's poses, align them to the character, "
                        "render the animation (DDIM, classifier-free guidance, overlapping context "
-                       "windows) and write an H.264 mp4 with the source's fps and audio.")
+                       "windows) and write a video (H.264 mp4/mov/mkv or VP9 webm, by the output's "
+                       "extension) with the source's fps and audio, or numbered PNG frames.")
     r.add_argument("ref", type=Path, help="reference image of the character (png/jpg/webp...)")
     r.add_argument("driving", type=Path, help="dance video (mp4/mov/webm/mkv/gif) or a folder of frames")
-    r.add_argument("-o", "--output", type=Path, required=True, help="mp4 to write")
+    r.add_argument("-o", "--output", type=Path, required=True,
+                   help="video to write: .mp4, .mov, .mkv (H.264) or .webm (VP9); with --png a new or "
+                   "empty folder for numbered PNG frames")
+    r.add_argument("--png", action="store_true", help="write numbered PNG frames (00000.png...) into -o DIR")
+    r.add_argument("--crf", type=int, default=None, metavar="N",
+                   help="video quality, lower is better and larger (default 18; 0..51 H.264, 0..63 VP9)")
+    r.add_argument("--grid", action="store_true",
+                   help="write reference | pose | result side by side (as Moore-AnimateAnyone does)")
+    r.add_argument("--resume", action="store_true",
+                   help="keep the latents after each denoising step beside the output (one latent tensor "
+                   "on disk: 2.4 MB for 24 frames at 512x768) and, when a killed run of the same inputs "
+                   "and options left them, continue from its last step: the same video as an "
+                   "uninterrupted run. Removed when the output is written")
     r.add_argument("--ckpt", type=Path, default=None, help="aa-trt checkpoint (default: the embedded model)")
     r.add_argument("--engine", type=Path, default=None, metavar="DIR",
                    help="run on the graphs of `aa-trt build` (TensorRT where available, else onnxruntime); "
@@ -261,9 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(r)
     r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
     r.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as the paper)")
-    r.add_argument("--sampler", default="ddim", help="sampling method: ddim (default; Moore's)")
+    r.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m|dpmpp_3m",
+                   help="sampling method: ddim (default; Moore's), dpmpp_2m, dpmpp_3m (DPM-Solver++; "
+                   "closer to the many-step render at few steps, see docs/samplers.md)")
     r.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's; 3.5 for Moore's)")
+    r.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="apply CFG only at UNet timesteps LO..HI (0..999); other steps run the cond "
+                   "branch alone, one UNet evaluation instead of two (default: CFG at every step)")
     r.add_argument("--context-frames", type=int, default=24, help="frames per context window (default 24, at most 32)")
     r.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows (default 4)")
     r.add_argument("--context-schedule", default="uniform", metavar="uniform|sliding",
@@ -306,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default=None, help="device for jobs that name none (cuda: each rank its GPU)")
     bt.add_argument("--dtype", default=None, metavar="auto|fp32|fp16|bf16",
                     help="precision for jobs that name none (default auto, as `run`)")
+    bt.add_argument("--resume", action="store_true", default=None,
+                    help="every job keeps its latents after each step and continues them after a kill "
+                    "(as `run --resume`; a job may also say \"resume\": true)")
     bt.add_argument("--status", type=Path, default=None, metavar="DIR",
                     help="folder for the per-job status files (default: JOBS.status beside the jobs file)")
     _add_report_flags(bt)
@@ -377,8 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", default="test_characters,test_motions", help="comma-separated split names")
     e.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per split (default all)")
     e.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
-    e.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    e.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    e.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m|dpmpp_3m", help="sampling method (default ddim)")
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's; 3.5 for Moore's)")
+    e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="apply CFG only at UNet timesteps LO..HI (default: every step)")
+    e.add_argument("--agreement-steps", type=int, default=None, metavar="N",
+                   help="also render each video with DDIM-N (same seed, same guidance, CFG at every step) "
+                   "and score the model's frames against it: agreement with the converged render")
     e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="auto", metavar="auto|fp32|fp16|bf16",

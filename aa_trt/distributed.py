@@ -69,17 +69,20 @@ class DistributedAnimator(Animator):
             raise
 
     def run_denoise(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions, *,
-                    callback=None, progress: bool = True, **_) -> torch.Tensor:
+                    callback=None, progress: bool = True, start: int = 0, carry: dict | None = None,
+                    **_) -> torch.Tensor:
         if not D.active():
-            return super().run_denoise(cond, latents, sample, callback=callback, progress=progress)
+            return super().run_denoise(cond, latents, sample, callback=callback, progress=progress,
+                                       start=start, carry=carry)
         if D.rank() != 0:
             raise RuntimeError(f"rank {D.rank()}: only rank 0 calls denoise(); the others call follow()")
         D.agree(None)  # the others wait here (after loading the model) for the conditioning
         latents = latents.to(self.device, torch.float32)
-        D.broadcast_object(sample.to_dict())
-        D.broadcast_object((cond.width, cond.height))
-        D.broadcast_tensors(_tensors(cond, latents), self.device)
-        return self._shared(cond, latents, sample, callback, progress)
+        carry = dict(carry or {})
+        D.broadcast_object({"sample": sample.to_dict(), "size": (cond.width, cond.height), "start": start,
+                            "carry": sorted(carry)})
+        D.broadcast_tensors(_tensors(cond, latents) + [carry[k] for k in sorted(carry)], self.device)
+        return self._shared(cond, latents, sample, callback, progress, start, carry)
 
     # ------------------------------------------------------------------ ranks 1..P-1
     def follow(self, err: BaseException | None = None) -> torch.Tensor:
@@ -87,16 +90,19 @@ class DistributedAnimator(Animator):
         `err`, e.g. a failure to load, to every rank instead), then do this rank's share of every
         step. Returns the final latents, the same on every rank as on rank 0."""
         D.agree(err)
-        sample = SampleOptions(**D.broadcast_object())
-        width, height = D.broadcast_object()
-        latents, clip, ref_latent, pose, *kv = D.broadcast_tensors(None, self.device)
+        header = D.broadcast_object()
+        sample, (width, height) = SampleOptions(**header["sample"]), header["size"]
+        tensors = D.broadcast_tensors(None, self.device)
+        n_carry = len(header["carry"])
+        carry = dict(zip(header["carry"], tensors[len(tensors) - n_carry:]))
+        latents, clip, ref_latent, pose, *kv = tensors[:len(tensors) - n_carry]
         pairs = [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
         cond = Conditioning(clip, ref_latent, ReferenceKV(pairs), pose, width, height)
-        return self._shared(cond, latents, sample, None, False)
+        return self._shared(cond, latents, sample, None, False, header["start"], carry)
 
     # ------------------------------------------------------------------ every rank
     def _shared(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions, callback,
-                progress: bool) -> torch.Tensor:
+                progress: bool, start: int = 0, carry: dict | None = None) -> torch.Tensor:
         reduce = D.StepReduce()
 
         def guarded(info):  # a callback's failure reaches the other ranks with the next step
@@ -106,8 +112,9 @@ class DistributedAnimator(Animator):
                 except Exception as e:  # noqa: BLE001
                     reduce.report(e)
 
-        out = super().run_denoise(cond, latents, sample, callback=guarded, progress=progress,
-                                  world=D.world_size(), rank=D.rank(), parallel=self.parallel, reduce=reduce)
+        out = super().run_denoise(cond, latents, sample, callback=guarded, progress=progress, start=start,
+                                  carry=carry, world=D.world_size(), rank=D.rank(), parallel=self.parallel,
+                                  reduce=reduce)
         if reduce.pending:  # after the last step: rank 0 raises, collective_errors tells the others
             raise reduce.pending[0]
         return out

@@ -269,10 +269,13 @@ class Animator:
                                 callback=callback, progress=progress)
 
     def run_denoise(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions, *,
-                    callback=None, progress: bool = True, world: int = 1, rank: int = 0,
-                    parallel: str = "auto", reduce: Reduce | None = None) -> torch.Tensor:
+                    callback=None, progress: bool = True, start: int = 0, carry: dict | None = None,
+                    world: int = 1, rank: int = 0, parallel: str = "auto",
+                    reduce: Reduce | None = None) -> torch.Tensor:
         """The one denoise path, for resolved options: this rank's share of a `world`-rank plan
-        (guidance.make_plan; one process: all of it), the shares summed by `reduce` each step."""
+        (guidance.make_plan; one process: all of it), the shares summed by `reduce` each step.
+        start/carry: continue a resumed render after step start - 1 (latents are then that step's
+        output, carry what the sampler's callback handed out with it)."""
         from tqdm.auto import tqdm
 
         windows = context_windows(cond.num_frames, sample.context_frames, sample.context_overlap,
@@ -283,12 +286,14 @@ class Animator:
         share = f"{mine}/{len(windows)} windows/step, {self.plan.describe()}" if world > 1 \
             else f"{len(windows)} windows/step"
         # One bar over steps x windows: a long video's step takes long enough to want finer ticks.
-        with tqdm(total=len(schedule) * mine, desc=f"denoise ({share})", unit="window",
-                  disable=not progress) as bar:
+        with tqdm(total=len(schedule) * mine, initial=start * mine, desc=f"denoise ({share})",
+                  unit="window", disable=not progress) as bar:
             model = windowed_guidance(self.unet_step(cond), windows, sample.guidance, sample.window_batch,
-                                      bar.update, plan=self.plan, reduce=reduce)
+                                      bar.update, plan=self.plan, reduce=reduce,
+                                      interval=sample.guidance_interval)
+            carry = {k: v.to(self.device) for k, v in (carry or {}).items()}
             return SAMPLERS[sample.sampler](model, latents.to(self.device, torch.float32), schedule,
-                                            callback=callback, disable=True)
+                                            callback=callback, disable=True, start=start, carry=carry)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -314,12 +319,13 @@ class Animator:
     def __call__(self, ref_image: Image.Image, poses: np.ndarray, sample: SampleOptions | None = None, *,
                  latents: torch.Tensor | None = None, output: str = "np", width: int | None = None,
                  height: int | None = None, decode_chunk: int | None = None, progress: bool = True,
-                 callback=None, **overrides):
+                 callback=None, start: int = 0, carry: dict | None = None, **overrides):
         """ref_image: PIL image; poses: uint8 (N, H, W, 3) pose renderings (their size is the output
         size unless width/height are given). `sample`: the SampleOptions (steps, guidance, windows,
         seed...), `overrides` any of their fields by name (`anim(ref, poses, steps=4, seed=1)`);
         guidance None is the checkpoint's declared scale (3.5 for Moore's). Returns float32
-        (N, H, W, 3) in [0, 1], or with output="latent" the final latents (1, c, N, H/f, W/f)."""
+        (N, H, W, 3) in [0, 1], or with output="latent" the final latents (1, c, N, H/f, W/f).
+        `start`/`carry` with `latents`: resume after step start - 1 (see run_denoise)."""
         sample = self.sample_options(sample, **overrides)
         if output not in ("np", "latent"):
             raise OptionError("output", output, "expected 'np' or 'latent'")
@@ -329,7 +335,8 @@ class Animator:
             latents = self.initial_latents(cond, sample.seed)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
-        out = self.run_denoise(cond, latents, sample, callback=callback, progress=progress)
+        out = self.run_denoise(cond, latents, sample, callback=callback, progress=progress, start=start,
+                               carry=carry)
         if output == "latent":
             return out
         return self.decode(out, decode_chunk, progress)

@@ -48,6 +48,10 @@ class RunOptions:
     compile: bool = False
     cuda_graph: bool = False
     parallel: str = "auto"  # under torchrun: guidance.PARALLEL_MODES
+    resume: bool = False    # keep each step's latents beside the output, continue from them (aa_trt.resume)
+    png: bool = False       # output is a folder of numbered PNG frames
+    crf: int | None = None  # video quality (lower: better, larger); None: video.DEFAULT_CRF
+    grid: bool = False      # reference | pose | result side by side, as Moore writes
     quiet: bool = False
 
     def __post_init__(self):
@@ -74,6 +78,19 @@ class RunOptions:
             on = [n for n in ("offload", "compile", "cuda_graph") if getattr(self, n)]
             if on:
                 raise OptionError(on[0], True, "applies to the torch backend, not to an engine")
+        # The output's kind from its name, before any work (an unknown extension is refused).
+        from aa_trt.video import CONTAINERS, check_crf, container_for
+
+        if self.png:
+            if self.output.suffix.lower() in CONTAINERS:
+                raise OptionError("output", str(self.output), "with `png` the output is a folder for "
+                                  "the frames, not a video file")
+            if self.crf is not None:
+                raise OptionError("crf", self.crf, "sets a video's quality; PNG frames are lossless")
+        else:
+            kind = container_for(self.output)
+            if self.crf is not None:
+                check_crf(self.crf, kind)
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -150,7 +167,7 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
 
     from aa_trt.checkpoint import read_config
     from aa_trt.pipeline import Animator
-    from aa_trt.video import read_clip, read_image, write_video
+    from aa_trt.video import DEFAULT_CRF, check_png_folder, read_clip, read_image, write_png_frames, write_video
 
     timer = Timer()
     ckpt = checkpoint_path(opts.ckpt)
@@ -159,7 +176,9 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
     # Fail on bad options and a bad output path before minutes of work, not after.
     config = read_config(ckpt)
     sample = opts.sample.resolve(config)
-    if opts.output.is_dir():
+    if opts.png:
+        check_png_folder(opts.output)
+    elif opts.output.is_dir():
         raise InputError(f"{opts.output}: is a folder; give a file name such as {opts.output / 'out.mp4'}")
     out_dir = opts.output.parent
     if not out_dir.is_dir():
@@ -187,17 +206,68 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
             precision = (chosen.name, chosen.reason)
     with timer("pose"):
         poses, facts = driving_poses(opts, clip, ref_image, width, height)
+    resume, start, latents, carry = None, 0, None, None
+    if opts.resume:
+        resume, saved, sample = _resume_state(opts, ckpt, sample, width, height, precision[0], type(anim).__name__)
+        if saved is not None:
+            start, latents, carry = saved.step + 1, saved.latents, saved.carry
+            anim.last_seed = saved.seed
+        facts["resumed_from_step"] = start
     with timer("animate"):
-        frames = anim(ref_image, poses, sample, width=width, height=height, progress=not opts.quiet)
+        frames = anim(ref_image, poses, sample, width=width, height=height, progress=not opts.quiet,
+                      latents=latents, start=start, carry=carry,
+                      callback=resume.save if resume is not None else None)
     with timer("write"):
         video = (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
-        write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration)
+        if opts.grid:
+            video = grid_frames(ref_image, poses, video)
+        if opts.png:
+            write_png_frames(opts.output, video)
+        else:
+            write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration,
+                        crf=DEFAULT_CRF if opts.crf is None else opts.crf)
+    if resume is not None:
+        resume.remove()  # the output is complete: nothing left to resume
     return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
             "guidance": sample.guidance, "steps": sample.steps, "sampler": sample.sampler,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
             "precision_reason": precision[1], **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
+
+
+def _resume_state(opts: RunOptions, ckpt: Path, sample: SampleOptions, width: int, height: int,
+                  precision: str, backend: str):
+    """(the ResumeState, what it saved or None, the options to run: the saved seed when none was
+    asked for, else a fresh one drawn now, so that the state records it from the first step)."""
+    import secrets
+
+    from aa_trt.resume import ResumeState, identity
+
+    def ident(s: SampleOptions) -> dict:
+        return identity(checkpoint=ckpt, ref=opts.ref, driving=opts.driving, start=opts.start,
+                        stride=opts.stride, frames=opts.frames, pose_video=opts.pose_video,
+                        align=opts.align, dwpose=opts.dwpose, width=width, height=height,
+                        sample=s.to_dict(), precision=precision, backend=backend)
+
+    state = ResumeState(opts.output, ident(sample))
+    saved = state.load()
+    if saved is not None:
+        sample = sample.replace(seed=saved.seed)
+    elif sample.seed is None:
+        sample = sample.replace(seed=secrets.randbits(63))
+    state.ident = ident(sample)
+    return state, saved, sample
+
+
+def grid_frames(ref_image, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """(N, H, 3W, 3) uint8: the reference (as the model saw it: resized to the output size), the
+    pose image and the result, side by side, as Moore-AnimateAnyone's grid."""
+    from PIL import Image
+
+    n, h, w = frames.shape[:3]
+    ref = np.asarray(ref_image.convert("RGB").resize((w, h), Image.LANCZOS))
+    return np.concatenate([np.broadcast_to(ref, (n, h, w, 3)), poses[:, :h, :w], frames], axis=2)
 
 
 def pose_preview(driving: Path, output: Path, ref: Path | None = None, dwpose=None, frames=None,

@@ -1,4 +1,5 @@
-"""Reading driving videos and writing results with PyAV (H.264 mp4, the source's audio).
+"""Reading driving videos and writing results with PyAV (H.264 mp4/mov/mkv, VP9 webm, the source's
+audio; or numbered PNG frames).
 
 Outputs are written to a temporary name beside the target and renamed when complete, so an
 interrupted or failed run leaves neither a half-written file nor the temporary one.
@@ -114,33 +115,72 @@ def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) ->
     return Clip(frames, fps, 0.0, len(frames) / fps, None)
 
 
+@dataclass(frozen=True)
+class Container:
+    format: str       # PyAV/FFmpeg muxer
+    video_codec: str
+    audio_codec: str
+    crf_max: int      # the encoder's quality scale: 0 (best) .. crf_max
+
+
+# What `-o NAME.EXT` writes: H.264 in mp4/mov/mkv, VP9 (with Opus audio) in webm.
+CONTAINERS = {
+    ".mp4": Container("mp4", "libx264", "aac", 51),
+    ".mov": Container("mov", "libx264", "aac", 51),
+    ".mkv": Container("matroska", "libx264", "aac", 51),
+    ".webm": Container("webm", "libvpx-vp9", "libopus", 63),
+}
+DEFAULT_CRF = 18
+
+
+def container_for(path, param: str = "output") -> Container:
+    """The container a video path asks for by its extension (OptionError for any other)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONTAINERS:
+        raise OptionError(param, str(path), f"unknown video extension {suffix or '(none)'!r}; expected "
+                          f"{', '.join(CONTAINERS)} (or a folder with PNG frames)")
+    return CONTAINERS[suffix]
+
+
+def check_crf(crf: int, container: Container, param: str = "crf") -> None:
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= container.crf_max:
+        raise OptionError(param, crf, f"must be in 0..{container.crf_max} for {container.video_codec}")
+
+
 def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path | None = None,
-                audio_start: float = 0.0, audio_duration: float | None = None, crf: int = 18) -> Path:
-    """H.264 (yuv420p) mp4 at `fps`; the audio of `audio_from` between audio_start and
-    audio_start + audio_duration, re-encoded to AAC (any source codec fits the mp4 that way)."""
+                audio_start: float = 0.0, audio_duration: float | None = None,
+                crf: int = DEFAULT_CRF) -> Path:
+    """A video at `fps` in the container its extension names (CONTAINERS: H.264 yuv420p, or VP9
+    for webm); the audio of `audio_from` between audio_start and audio_start + audio_duration,
+    re-encoded to the container's audio codec (any source codec fits that way)."""
     av = _av()
     path = Path(path)
+    kind = container_for(path)
+    check_crf(crf, kind)
     rate = Fraction(fps).limit_denominator(1001)
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
         raise InputError(f"{path}: no frames to write")
     with atomic_output(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as out, contextlib.ExitStack() as stack:
+        with av.open(str(tmp), mode="w", format=kind.format) as out, contextlib.ExitStack() as stack:
             h, w = first.shape[:2]
-            vs = out.add_stream("libx264", rate=rate)
+            vs = out.add_stream(kind.video_codec, rate=rate)
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-            # mbtree off: on CPUs with AVX-512, libx264's macroblock-tree code reads memory it never
-            # initialised, so the same frames encoded twice in one process could differ by up to ~36
-            # levels (seen at 64x88 up to 256x176). Without it the bitstream is a function of the
-            # frames alone; the cost is a slightly larger file at the same CRF.
-            vs.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
+            if kind.video_codec == "libx264":
+                # mbtree off: on CPUs with AVX-512, libx264's macroblock-tree code reads memory it
+                # never initialised, so the same frames encoded twice in one process could differ
+                # by up to ~36 levels (seen at 64x88 up to 256x176). Without it the bitstream is a
+                # function of the frames alone; the cost is a slightly larger file at the same CRF.
+                vs.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
+            else:  # VP9 in constant-quality mode (a CRF with no bitrate cap)
+                vs.options = {"crf": str(crf), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
             # Every stream must exist before the first packet is muxed (the header is written then).
             audio = None
             if audio_from is not None:
                 inp = stack.enter_context(av.open(str(audio_from)))
                 if inp.streams.audio:
-                    audio = _AudioCopy(av, inp, out)
+                    audio = _AudioCopy(av, inp, out, kind.audio_codec)
             for frame in itertools.chain([first], frames):
                 for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                     out.mux(packet)
@@ -151,13 +191,50 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path
     return path
 
 
+def check_png_folder(path, param: str = "output") -> None:
+    """A folder for numbered PNG frames: absent or empty (frames of another run are not mixed in)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OptionError(param, str(path), "exists and is not an empty folder; PNG frames go to a new or empty folder")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: output folder does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{path.parent}: output folder is not writable")
+
+
+def write_png_frames(folder, frames: Iterable[np.ndarray]) -> Path:
+    """frames -> FOLDER/00000.png, 00001.png, ...; written into a temporary folder beside it and
+    renamed when complete, so an interrupted run leaves no partial folder."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    check_png_folder(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.partial", dir=folder.parent))
+    try:
+        n = 0
+        for n, frame in enumerate(frames, 1):
+            Image.fromarray(np.ascontiguousarray(frame)).save(tmp / f"{n - 1:05d}.png")
+        if n == 0:
+            raise InputError(f"{folder}: no frames to write")
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked above)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 class _AudioCopy:
-    def __init__(self, av, inp, out):
+    def __init__(self, av, inp, out, codec: str = "aac"):
         self.inp, self.out = inp, out
         self.ins = inp.streams.audio[0]
         self.rate = self.ins.rate or 44100
+        if codec == "libopus":  # Opus encodes at 48 kHz (and a few lower rates) only
+            self.rate = 48000
         layout = "stereo" if (self.ins.channels or 2) >= 2 else "mono"
-        self.stream = out.add_stream("aac", rate=self.rate)
+        self.stream = out.add_stream(codec, rate=self.rate)
         self.stream.layout = layout
         self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
 
