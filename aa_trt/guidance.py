@@ -155,7 +155,8 @@ Reduce = Callable[[torch.Tensor, "BaseException | None"], None]
 
 def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], guidance: float,
                       window_batch: int = 1, on_windows: Callable[[int], None] | None = None, *,
-                      plan: Plan | None = None, reduce: Reduce | None = None) -> Callable:
+                      plan: Plan | None = None, reduce: Reduce | None = None,
+                      interval: tuple[int, int] | None = None) -> Callable:
     """A whole-video model from a per-window UNet step, Moore's aggregation:
 
     `unet_step(x_win, t, windows, branches)`: x_win (k, c, F, h, w) the latents of k windows,
@@ -169,6 +170,9 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
 
     plan: this rank's share (default: every unit, one process); reduce: how the shares' sums
     meet (required when the plan has more than one rank).
+    interval: (lo, hi) timesteps, both included, where CFG applies (Kynkaanniemi et al. 2024); at
+    any other t only the cond branch runs and the prediction is the cond average. Every plan
+    gives the same: ranks that own the uncond branch run nothing at such a step and add zeros.
     """
     all_b = ("uncond", "cond") if guidance > 1.0 else ("cond",)
     idx, counts = window_counts(windows)
@@ -190,15 +194,23 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
         buf = torch.zeros(math.prod(shape) + flag, dtype=x.dtype, device=x.device)
         sums = buf[:math.prod(shape)].view(shape)
         dev_mine, dev_counts = on_device(x)
+        guided = nb == 2 and (interval is None or interval[0] <= t <= interval[1])
+        # outside the interval the uncond rows are not computed (they stay zero and are not used)
+        branches = plan.branches if guided or nb == 1 else tuple(b for b in plan.branches if b == "cond")
+        first = row if guided or nb == 1 else 1
         err = None
         try:
             for s in range(0, len(mine), window_batch):
                 host = mine[s:s + window_batch]
                 group = dev_mine[s:s + window_batch]
+                if not branches:  # an uncond-only rank at an unguided step
+                    if on_windows is not None:
+                        on_windows(len(group))
+                    continue
                 x_win = torch.cat([x[:, :, w] for w in group])
-                pred = unet_step(x_win, t, host, plan.branches)
-                pred = pred.view(len(plan.branches), len(group), *pred.shape[1:])
-                part = sums[row:row + len(plan.branches)]
+                pred = unet_step(x_win, t, host, branches)
+                pred = pred.view(len(branches), len(group), *pred.shape[1:])
+                part = sums[first:first + len(branches)]
                 for j, w in enumerate(group):
                     part.index_add_(2, w, pred[:, j])
                 if on_windows is not None:
@@ -212,6 +224,8 @@ def windowed_guidance(unet_step: Callable, windows: Sequence[Sequence[int]], gui
         sums = sums / dev_counts.view(1, 1, -1, 1, 1)
         if nb == 1:
             return sums[0:1]
+        if not guided:
+            return sums[1:2]
         uncond, cond = sums[0:1], sums[1:2]
         return uncond + guidance * (cond - uncond)
 

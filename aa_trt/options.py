@@ -32,6 +32,27 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise OptionError(name, value, f"expected one of {', '.join(choices)}")
 
 
+def _interval(value) -> tuple[int, int]:
+    """(lo, hi) whole timesteps, 0 <= lo <= hi; a "LO,HI" string or any pair is accepted."""
+    pair = value
+    if isinstance(value, str):
+        pair = value.replace(" ", "").split(",")
+        try:
+            pair = [int(v) for v in pair]
+        except ValueError:
+            raise OptionError("guidance_interval", value, "expected two whole timesteps LO,HI") from None
+    try:
+        lo, hi = pair
+    except (TypeError, ValueError):
+        raise OptionError("guidance_interval", value, "expected two whole timesteps (lo, hi)") from None
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise OptionError("guidance_interval", value, "expected two whole timesteps (lo, hi)")
+    if lo < 0 or hi < lo:
+        raise OptionError("guidance_interval", value, "expected 0 <= lo <= hi")
+    return int(lo), int(hi)
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """How a video is denoised.
@@ -44,6 +65,9 @@ class SampleOptions:
       closed loop, or sliding windows that never wrap).
     window_batch: context windows per UNet call.
     seed: seed of the initial noise (drawn on the CPU); None draws one.
+    guidance_interval: (lo, hi) UNet timesteps, both included, where CFG applies (Kynkaanniemi et
+      al. 2024, "Applying Guidance in a Limited Interval"); at the other steps only the cond branch
+      runs (one UNet evaluation per window instead of two). None: CFG at every step.
     """
 
     steps: int = 20
@@ -54,6 +78,7 @@ class SampleOptions:
     context_schedule: str = "uniform"
     window_batch: int = 1
     seed: int | None = None
+    guidance_interval: tuple[int, int] | None = None
 
     def __post_init__(self):
         _int("steps", self.steps, 1)
@@ -74,6 +99,8 @@ class SampleOptions:
         _int("window_batch", self.window_batch, 1)
         if self.seed is not None:
             _int("seed", self.seed, 0, MAX_SEED)
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", _interval(self.guidance_interval))
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -97,6 +124,9 @@ class SampleOptions:
         T = config.scheduler.num_train_timesteps
         if self.steps > T:
             raise OptionError("steps", self.steps, f"must be in 1..{T} (the model's training timesteps)")
+        if self.guidance_interval is not None and self.guidance_interval[1] > T - 1:
+            raise OptionError("guidance_interval", self.guidance_interval,
+                              f"timesteps must be in 0..{T - 1} (the model's training timesteps)")
         limit = config.motion.max_len
         if self.context_frames > limit:
             raise OptionError("context_frames", self.context_frames,

@@ -10,6 +10,7 @@ exactly where the interrupted run was, bit for bit on the same machine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -119,5 +120,148 @@ def sample_ddim(model: Callable, x: torch.Tensor, schedule: DDIMSchedule, extra_
     return x
 
 
+# ---------------------------------------------------------------------------------- DPM-Solver++
+# diffusers' DPMSolverMultistepScheduler keeps the zero-SNR terminal alpha_bar at 2**-24 (the
+# smallest fp16 subnormal) instead of 0, so that its first lambda is finite; the samplers below
+# do the same by default, so that they match it. Their update is written in ratios that stay
+# finite at alpha_bar = 0 too (lambda = -inf there: the step from it is DDIM's, and a multistep
+# correction across it vanishes), which `terminal_alpha_bar=0.0` in `solver_alphas` gives.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def dpm_schedule(cfg: SchedulerConfig, steps: int) -> DDIMSchedule:
+    """Timesteps as diffusers' DPMSolverMultistepScheduler.set_timesteps spaces them (its default
+    lambda_min_clipped = -inf). For trailing spacing (Moore's) they are DDIM's own; leading and
+    linspace space steps + 1 points and drop the last. prev_timesteps: the next timestep, -1 (the
+    clean end, alpha_bar = 1, diffusers' final_sigmas_type="zero") after the last."""
+    T = cfg.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise OptionError("steps", steps, f"must be in 1..{T} (the model's training timesteps)")
+    if cfg.timestep_spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif cfg.timestep_spacing == "leading":
+        ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    elif cfg.timestep_spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    else:
+        raise ValueError(f"timestep_spacing {cfg.timestep_spacing!r}: expected trailing/leading/linspace")
+    ts = tuple(int(t) for t in ts)
+    return DDIMSchedule(ts, ts[1:] + (-1,), alphas_cumprod(cfg), 1.0, cfg.prediction_type)
+
+
+def solver_alphas(schedule: DDIMSchedule, terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR) -> list[float]:
+    """alpha_bar at each step's timestep, then 1.0 (the clean end): len(schedule) + 1 values. A
+    multistep solver steps from each timestep to the next one, whatever `prev_timesteps` says
+    (DDIM's rule t - T // steps is DDIM's alone); alpha_bar = 0 becomes `terminal_alpha_bar`."""
+    return [max(float(schedule.alphas_cumprod[t]), terminal_alpha_bar) for t in schedule.timesteps] + [1.0]
+
+
+def _lambda(ab: float) -> float:
+    """log(alpha / sigma) = log-SNR / 2 at alpha_bar = ab (-inf at 0, +inf at 1)."""
+    if ab <= 0.0:
+        return -math.inf
+    if ab >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(ab) - math.log1p(-ab))
+
+
+def _dpmpp_coefficients(abs_: list[float], i: int, order: int) -> tuple[float, list[float]]:
+    """DPM-Solver++ (data prediction, Lu et al. 2022, arXiv 2211.01095) multistep update from
+    step i's point to step i + 1's: x_next = c_x * x + sum_j c[j] * x0_j, x0_0 the newest data
+    prediction, x0_1, x0_2 the earlier ones (order 1, 2, 3). Order 2 is the midpoint form, order
+    3 the form of Lu et al. 2022's Algorithm (diffusers' solver_type="midpoint" for 2M, its one
+    3M). Written with ratios that stay finite where alpha_bar is 0 (lambda = -inf) or 1."""
+    a_t, s_t = math.sqrt(abs_[i + 1]), math.sqrt(1.0 - abs_[i + 1])
+    a_0, s_0 = math.sqrt(abs_[i]), math.sqrt(1.0 - abs_[i])
+    c_x = s_t / s_0
+    phi1 = a_t - c_x * a_0                # alpha_t (1 - e^-h), h = lambda_t - lambda_s0
+    if order == 1:
+        return c_x, [phi1]
+    lam_t, lam_0, lam_1 = _lambda(abs_[i + 1]), _lambda(abs_[i]), _lambda(abs_[i - 1])
+    h, h0 = lam_t - lam_0, lam_0 - lam_1
+    inv_r0 = h / h0                       # 0 where the earlier point is at lambda = -inf
+    if order == 2:
+        # x = c_x x + phi1 D0 + phi1 / 2 D1, D1 = (x0_0 - x0_1) / r0
+        d1 = 0.5 * phi1 * inv_r0
+        return c_x, [phi1 + d1, -d1]
+    lam_2 = _lambda(abs_[i - 2])
+    h1 = lam_1 - lam_2
+    r0, r1 = h0 / h, h1 / h
+    em = math.expm1(-h)                   # e^-h - 1
+    phi2 = a_t * (em / h + 1.0)
+    phi3 = a_t * ((em + h) / h**2 - 0.5)
+    # D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
+    # D2 = (D1_0 - D1_1) / (r0 + r1); x = c_x x + phi1 D0 + phi2 D1 - phi3 D2
+    inv_r1 = 1.0 / r1
+    w = r0 / (r0 + r1) if math.isfinite(r1) else 0.0
+    inv_s = 1.0 / (r0 + r1)
+    k0 = phi2 * (1 + w) - phi3 * inv_s    # coefficient of D1_0
+    k1 = -phi2 * w + phi3 * inv_s         # coefficient of D1_1
+    c0 = phi1 + k0 * inv_r0
+    c1 = -k0 * inv_r0 + k1 * inv_r1
+    c2 = -k1 * inv_r1
+    return c_x, [c0, c1, c2]
+
+
+def _multistep_order(i: int, n: int, order: int) -> int:
+    """The order of step i of n: as diffusers with lower_order_final and final_sigmas_type "zero",
+    first order on the first step and on the last (to alpha_bar = 1), at most second order on
+    the one before the last when there are fewer than 15 steps, and never more history than
+    there is."""
+    if i == n - 1:
+        return 1
+    k = min(order, i + 1)
+    if i == n - 2 and n < 15:
+        k = min(k, 2)
+    return k
+
+
+def _sample_dpmpp(order: int, model, x, schedule, extra_args, callback, disable, start, carry):
+    extra_args = extra_args or {}
+    abs_ = solver_alphas(schedule)
+    n = len(schedule)
+    # carry: the earlier data predictions a multistep step needs, newest first
+    history = [carry[f"x0_{j}"] for j in range(1, order) if carry and f"x0_{j}" in carry]
+    need = min(start, order - 1)
+    if len(history) < need:
+        raise ValueError(f"resuming at step {start} needs carry x0_1..x0_{need} (the earlier data predictions)")
+    history = history[:need]
+    for i in tqdm(range(start, n), desc="denoise", unit="step", disable=disable):
+        t = schedule.timesteps[i]
+        pred = model(x, t, **extra_args)
+        x0, _ = predict_x0_eps(x, pred, abs_[i], schedule.prediction_type)
+        k = _multistep_order(i, n, order)
+        c_x, c = _dpmpp_coefficients(abs_, i, k)
+        terms = [x0] + history[:k - 1]
+        x_next = c_x * x
+        for cj, xj in zip(c, terms):
+            x_next = x_next + cj * xj
+        x = x_next
+        history = ([x0] + history)[:order - 1]
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "pred": pred,
+                      "carry": {f"x0_{j + 1}": h for j, h in enumerate(history)}})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Callable, x: torch.Tensor, schedule: DDIMSchedule, extra_args=None,
+                    callback: Callable | None = None, disable: bool | None = None, *, start: int = 0,
+                    carry: dict | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 (data prediction, midpoint form): one model call a step,
+    stepping between the schedule's timesteps and from the last to the clean end. carry:
+    {"x0_1": the previous step's data prediction} (none before the first step)."""
+    return _sample_dpmpp(2, model, x, schedule, extra_args, callback, disable, start, carry)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(model: Callable, x: torch.Tensor, schedule: DDIMSchedule, extra_args=None,
+                    callback: Callable | None = None, disable: bool | None = None, *, start: int = 0,
+                    carry: dict | None = None) -> torch.Tensor:
+    """DPM-Solver++(3M), Lu et al. 2022: as 2M with the two previous data predictions (carry
+    "x0_1", "x0_2")."""
+    return _sample_dpmpp(3, model, x, schedule, extra_args, callback, disable, start, carry)
+
+
 # The samplers by name (SampleOptions.sampler), each with the signature above.
-SAMPLERS = {"ddim": sample_ddim}
+SAMPLERS = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m}

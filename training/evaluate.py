@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aa_trt.errors import InputError
+from aa_trt.errors import InputError, OptionError
 from aa_trt.options import SampleOptions
 from aa_trt.precision import choose
 
@@ -43,6 +43,11 @@ class EvalOptions:
     # through this VAE (the ceiling of any model built on it).
     ceiling: bool = False
     model: bool = True            # False: the baselines (and ceiling) only, no sampling
+    # Also render each video with DDIM at this many steps from the same seed and guidance scale
+    # (CFG at every step: the video a user gets with many steps) and score the model's frames
+    # against it ("agreement"), beside the ground truth: how close fewer steps, another sampler
+    # or a guidance interval come to the converged render of the same noise.
+    agreement_steps: int | None = None
     extra: dict = field(default_factory=dict)  # recorded as is (e.g. the training step)
 
 
@@ -80,6 +85,16 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
               "precision_reason": precision.reason, **opts.extra, "splits": {}}
     if sample.sampler != "ddim":
         result["sampler"] = sample.sampler
+    if sample.guidance_interval is not None:
+        result["guidance_interval"] = list(sample.guidance_interval)
+    converged = None
+    if opts.agreement_steps is not None:
+        if not opts.model:
+            raise OptionError("agreement_steps", opts.agreement_steps, "needs the model to be sampled (model=True)")
+        converged = animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
+                                            guidance_interval=None)
+        result["agreement"] = {"sampler": "ddim", "steps": converged.steps}
+    result["unet_evaluations"] = unet_evaluations(sample, opts.frames, animator.config.scheduler)
     t0 = time.perf_counter()
     for split in opts.splits:
         entries = load_split(root, split)[: opts.videos]
@@ -97,17 +112,41 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
                 out = animator(Image.fromarray(ref), poses[1:1 + n], sample.replace(seed=sample.seed + i),
                                width=w, height=h, progress=False)
                 pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+            agree = {}
+            if converged is not None:
+                ref_out = animator(Image.fromarray(ref), poses[1:1 + n], converged.replace(seed=sample.seed + i),
+                                   width=w, height=h, progress=False)
+                agree = {"agreement": frame_metrics(pred["model"], to_uint8(ref_out))}
             if opts.baselines:
                 pred["copy"] = copy_reference(ref, n)
                 pred["skeleton_warp"] = skeleton_warp(ref, kps[0, :18], kps[1:1 + n, :18])
             if opts.ceiling:
                 pred["vae_ceiling"] = reconstruct(animator, true)
-            rows.append({"video": e["npz_path"], **{m: frame_metrics(p, true) for m, p in pred.items()}})
-        methods = [m for m in METHODS if rows and m in rows[0]]
+            rows.append({"video": e["npz_path"], **{m: frame_metrics(p, true) for m, p in pred.items()}, **agree})
+        methods = [m for m in METHODS + ("agreement",) if rows and m in rows[0]]
         mean = {m: {k: float(np.mean([r[m][k] for r in rows])) for k in ("ssim", "psnr", "l1")} for m in methods}
         result["splits"][split] = {"videos": rows, "mean": mean}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """float frames in [0, 1] -> uint8, rounded as the model's frames are scored."""
+    return np.clip(np.round(frames * 255), 0, 255).astype(np.uint8)
+
+
+def unet_evaluations(sample: SampleOptions, frames: int, scheduler) -> int:
+    """UNet evaluations (window x branch) of one video of `frames` frames with resolved options:
+    both CFG branches counted at the steps where CFG applies, the cond branch alone elsewhere."""
+    from aa_trt.guidance import context_windows
+    from aa_trt.sampling import ddim_schedule
+
+    windows = len(context_windows(frames, sample.context_frames, sample.context_overlap, sample.context_schedule))
+    total = 0
+    for t in ddim_schedule(scheduler, sample.steps).timesteps:
+        lo, hi = sample.guidance_interval or (0, scheduler.num_train_timesteps - 1)
+        total += windows * (2 if sample.cfg and lo <= t <= hi else 1)
+    return total
 
 
 def reconstruct(animator, frames: np.ndarray) -> np.ndarray:
