@@ -208,7 +208,10 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
         poses, facts = driving_poses(opts, clip, ref_image, width, height)
     resume, start, latents, carry = None, 0, None, None
     if opts.resume:
-        resume, saved, sample = _resume_state(opts, ckpt, sample, width, height, precision[0], type(anim).__name__)
+        # The backend as the numbers depend on it: torch (any Animator class, one rank or many) or
+        # the engine runtime that ran the graphs.
+        backend = "torch" if opts.engine is None else getattr(anim, "backend_name", type(anim).__name__)
+        resume, saved, sample = _resume_state(opts, ckpt, sample, width, height, precision[0], backend)
         if saved is not None:
             start, latents, carry = saved.step + 1, saved.latents, saved.carry
             anim.last_seed = saved.seed

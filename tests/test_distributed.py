@@ -268,6 +268,38 @@ def test_torchrun_run_writes_the_single_process_video(media, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]
 
 
+def test_torchrun_resumes_a_single_process_state(media, tmp_path, capsys, monkeypatch):
+    from aa_trt.resume import ResumeState, state_path
+
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    args = [str(media["ref"]), str(media["dance"]), "--ckpt", str(media["ckpt"]), *RUN_ARGS, "--resume",
+            "--dtype", "fp32"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(["run", *args[:2], "-o", str(one), *args[2:]]) == 0  # uninterrupted
+        save = ResumeState.save
+
+        def crash_after_first_step(self, info):
+            save(self, info)
+            raise KeyboardInterrupt  # as a Ctrl-C right after step 0 was saved
+
+        monkeypatch.setattr(ResumeState, "save", crash_after_first_step)
+        assert cli(["run", *args[:2], "-o", str(two), *args[2:]]) == 130
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert state_path(two).is_file() and not two.exists()
+    r = subprocess.run(_torchrun(2, "run", *args[:2], "-o", str(two), *args[2:], "--parallel", "window"),
+                       capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")][0]
+    assert result["resumed_from_step"] == 1 and result["world_size"] == 2
+    assert np.abs(probe(one)["pixels"].astype(int) - probe(two)["pixels"].astype(int)).max() <= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]
+
+
 @pytest.mark.slow  # the same failures are checked without torchrun above; this is the CLI's wording
 def test_torchrun_failure_stops_every_rank_with_one_message(media, tmp_path):
     cmd = _torchrun(2, "run", str(tmp_path / "missing.png"), str(media["dance"]), "-o", str(tmp_path / "o.mp4"),
