@@ -286,10 +286,19 @@ class Animator:
         share = f"{mine}/{len(windows)} windows/step, {self.plan.describe()}" if world > 1 \
             else f"{len(windows)} windows/step"
         # One bar over steps x windows: a long video's step takes long enough to want finer ticks.
-        with tqdm(total=len(schedule) * mine, initial=start * mine, desc=f"denoise ({share})",
-                  unit="window", disable=not progress) as bar:
+        # `progress` may instead be a function (done, total) of those units (a web page's bar).
+        hook = progress if callable(progress) else None
+        total, done = len(schedule) * mine, [start * mine]
+        with tqdm(total=total, initial=done[0], desc=f"denoise ({share})", unit="window",
+                  disable=not progress or hook is not None) as bar:
+            def tick(k: int) -> None:
+                bar.update(k)
+                done[0] += k
+                if hook is not None:
+                    hook(done[0], total)
+
             model = windowed_guidance(self.unet_step(cond), windows, sample.guidance, sample.window_batch,
-                                      bar.update, plan=self.plan, reduce=reduce,
+                                      tick, plan=self.plan, reduce=reduce,
                                       interval=sample.guidance_interval)
             carry = {k: v.to(self.device) for k, v in (carry or {}).items()}
             return SAMPLERS[sample.sampler](model, latents.to(self.device, torch.float32), schedule,
@@ -339,7 +348,7 @@ class Animator:
                                carry=carry)
         if output == "latent":
             return out
-        return self.decode(out, decode_chunk, progress)
+        return self.decode(out, decode_chunk, bool(progress) and not callable(progress))
 
 
 def _compile_error(e: BaseException) -> OptionError:

@@ -159,8 +159,10 @@ def driving_poses(opts: RunOptions, clip, ref_image, width: int, height: int, ex
                  ref_source=opts.ref, cache_key=key, progress=not opts.quiet)
 
 
-def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
-    """`make_animator(ckpt, device=, dtype=)` replaces Animator.from_pretrained (torchrun, batch)."""
+def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
+    """`make_animator(ckpt, device=, dtype=)` replaces Animator.from_pretrained (torchrun, batch).
+    `on_progress(done, total)`: called after each UNet call with the denoising units (steps x
+    windows) done so far, instead of the terminal's progress bar (a web page's bar)."""
     import os
 
     import torch
@@ -217,7 +219,8 @@ def run(opts: RunOptions, progress_print=print, make_animator=None) -> dict:
             anim.last_seed = saved.seed
         facts["resumed_from_step"] = start
     with timer("animate"):
-        frames = anim(ref_image, poses, sample, width=width, height=height, progress=not opts.quiet,
+        frames = anim(ref_image, poses, sample, width=width, height=height,
+                      progress=on_progress if on_progress is not None else not opts.quiet,
                       latents=latents, start=start, carry=carry,
                       callback=resume.save if resume is not None else None)
     with timer("write"):

@@ -100,3 +100,12 @@ def test_guidance_defaults_to_the_checkpoints_declared_scale(anim, monkeypatch):
     assert not np.array_equal(at_2, anim(ref, poses, **kw))  # the default is 3.5, not 2.0
     monkeypatch.setattr(anim, "config", anim.config.replace(guidance=2.0))
     assert np.array_equal(anim(ref, poses, **kw), at_2)
+
+
+def test_progress_function_gets_steps_times_windows(anim):
+    ref, poses = _inputs(n=5)
+    seen = []
+    anim(ref, poses, steps=3, context_frames=4, context_overlap=1, seed=1, output="latent",
+         progress=lambda done, total: seen.append((done, total)))
+    # 5 frames in windows of 4 overlapping by 1: 2 windows; CFG batches both branches per call
+    assert seen == [(i, 6) for i in range(1, 7)]
