@@ -303,3 +303,22 @@ def test_eval_agreement_with_the_converged_render(tiny_eval, tmp_path):
     assert other["unet_evaluations"] == 2 + 1  # 2 steps at t = 999, 499: CFG only at the second
     assert other["splits"]["test_motions"]["mean"]["agreement"]["psnr"] < 100.0
     assert np.isfinite(other["splits"]["test_motions"]["mean"]["agreement"]["ssim"])
+
+
+def test_agreement_frontier_rows(tiny_eval):
+    from aa_trt.pipeline import Animator
+    from aa_trt.training.evaluate import agreement_frontier
+
+    ckpt, data = tiny_eval
+    anim = Animator.from_pretrained(ckpt)
+    rng = np.random.default_rng(0)
+    video = {"name": "v", "ref": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+             "poses": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), "seed": 4,
+             "true": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)}
+    configs = [SampleOptions(steps=3, guidance=3.5), SampleOptions(steps=2, sampler="dpmpp_2m", guidance=3.5,
+                                                                   guidance_interval=(600, 999))]
+    rows = agreement_frontier(anim, [video], configs, reference_steps=3, progress=False)
+    assert [r.get("reference", False) for r in rows] == [True, False, False]
+    assert [r["unet_evaluations"] for r in rows] == [6, 6, 3]
+    assert rows[1]["agreement"]["psnr"] == 100.0  # DDIM-3 is the reference itself
+    assert rows[2]["agreement"]["psnr"] < 100.0 and "truth" in rows[2]

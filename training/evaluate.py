@@ -167,3 +167,57 @@ def table(result: dict) -> str:
         for m, v in r["mean"].items():
             lines.append(f"| {split} | {m} | {v['ssim']:.4f} | {v['psnr']:.2f} | {v['l1']:.4f} | {len(r['videos'])} |")
     return "\n".join(lines)
+
+
+def agreement_frontier(animator, videos, configs, reference_steps: int = 100, out=None,
+                       progress: bool = True) -> list[dict]:
+    """Agreement with the converged render for many sampling options at once, each video's
+    conditioning and every reference render computed once.
+
+    videos: dicts {"name", "ref" uint8 (H, W, 3), "poses" uint8 (N, H, W, 3), "seed", "true"
+    uint8 (N, H, W, 3) or None}; configs: SampleOptions (seed ignored: each video's own). For each
+    video and guidance scale the reference is DDIM-`reference_steps` with CFG at every step from
+    the same noise. Rows (one per video and config): agreement PSNR/SSIM against it, ground-truth
+    metrics where `true` is given, UNet evaluations, seconds. `out`: a JSON-lines file each row is
+    appended to as it is made."""
+    import json as _json
+
+    import torch
+    from PIL import Image
+
+    rows = []
+    for v in videos:
+        h, w = v["ref"].shape[:2]
+        cond = animator.prepare(Image.fromarray(v["ref"]), v["poses"], w, h)
+        noise = animator.initial_latents(cond, v["seed"])
+        refs = {}
+        for c in configs:
+            c = animator.sample_options(c, seed=v["seed"])
+            if c.guidance not in refs:
+                conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None)
+                refs[c.guidance] = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), conv,
+                                                                                 progress=progress)))
+                row = {"video": v["name"], "sampler": "ddim", "steps": reference_steps, "guidance": c.guidance,
+                       "guidance_interval": None, "reference": True,
+                       "unet_evaluations": unet_evaluations(conv, len(v["poses"]), animator.config.scheduler)}
+                if v.get("true") is not None:
+                    row["truth"] = frame_metrics(refs[c.guidance], v["true"])
+                rows.append(row)
+                if out is not None:
+                    with open(out, "a") as f:
+                        f.write(_json.dumps(row) + "\n")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                frames = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), c, progress=progress)))
+            row = {"video": v["name"], "sampler": c.sampler, "steps": c.steps, "guidance": c.guidance,
+                   "guidance_interval": list(c.guidance_interval) if c.guidance_interval else None,
+                   "unet_evaluations": unet_evaluations(c, len(v["poses"]), animator.config.scheduler),
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   "agreement": frame_metrics(frames, refs[c.guidance])}
+            if v.get("true") is not None:
+                row["truth"] = frame_metrics(frames, v["true"])
+            rows.append(row)
+            if out is not None:
+                with open(out, "a") as f:
+                    f.write(_json.dumps(row) + "\n")
+    return rows
