@@ -6,18 +6,21 @@ rather than through CACHE_DIR or IR files: a blob is the compiled model itself (
 0.45 s to import the tiny UNet step against 2.5 s to compile it), it has a name the manifest can
 record with its size and key, and a stale one is refused rather than silently recompiled under a
 hashed name. Each blob's manifest entry holds the graph's key and files it was compiled from; the
-OpenVINO section holds the OpenVINO version and the precision. Anything else is recompiled.
+OpenVINO section holds the OpenVINO version, the precision and the weights' storage. Anything else
+is recompiled. A blob holds its own copy of the weights: for bf16 they are stored in f16 (half the
+size, 0.68 GB instead of 1.34 GB for the half-width sd15 UNet step, no measurable cost in error or
+time); f32 keeps them in f32.
 
 Tolerances, per precision, on seeded random inputs at the "opt" profile point:
 - f32: max |ov - torch| <= the graph's own onnxruntime tolerance x max(1, max |torch|).
 - bf16: relative L2, ||ov - torch|| / ||torch||, <= BF16_REL_L2 for every output. bf16 keeps 8
   significant bits (unit roundoff 2^-9 = 0.2%) and the error grows with depth. Measured on the tiny
-  preset (random weights, seeds 1-3, "opt" point): CLIP 0.6%, VAE encoder 1.2-1.7%, decoder 1.0%,
-  PoseGuider 0.2%, reference K/V 1.1-1.4%, UNet steps 4.5-6.0%, where torch's own bf16 (the module
-  cast to bf16) gives 0.6%, 1.4-1.6%, 1.1%, 0.2%, 1.2-1.6% and 2.4-6.3% on the same calls. The
-  UNet's error grows with the timestep: 1.6% at t=5, 3.5% at t=500, 11.3% at t=999 (torch bf16:
-  1.8%, 1.5%, 5.6%). OpenVINO bf16 against its own f32 on the half-width sd15 UNet step: 2.6%.
-  15% holds all of that; a wrong graph (wiring, weights) is off by ~100%.
+  preset (random weights, seed 1, "opt" point, f16-stored weights): CLIP 0.5%, VAE encoder 2.1%,
+  decoder 1.0%, PoseGuider 0.2%, reference K/V 1.2%, UNet steps 5.7-6.2%, where torch's own bf16
+  (the module cast to bf16; seeds 1-3) gives 0.6%, 1.4-1.6%, 1.1%, 0.2%, 1.2-1.6% and 2.4-6.3%.
+  The tiny UNet's error grows with the timestep: 1.7% at t=5, 3.7% at t=500, 11.0% at t=999
+  (torch bf16: 1.8%, 1.5%, 5.6%). Half-width sd15 UNet step (16 rows, 32x32 latents): 1.02%
+  (torch bf16 1.09%). 15% holds all of that; a wrong graph (wiring, weights) is off by ~100%.
 """
 from __future__ import annotations
 
@@ -68,9 +71,10 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
     same OpenVINO, same precision) are reused."""
     out_dir = Path(out_dir)
     version = ovb.openvino_version()
-    same = bool(old) and old.get("version") == version and old.get("precision") == precision
+    weights = "f16" if precision == "bf16" else "f32"  # see OvGraph.compile
+    same = bool(old) and (old.get("version"), old.get("precision"), old.get("weights")) == (version, precision, weights)
     prev_graphs = (old or {}).get("graphs", {}) if same else {}
-    part = {"version": version, "precision": precision, "reason": why,
+    part = {"version": version, "precision": precision, "reason": why, "weights": weights,
             "capabilities": list(ovb.cpu_capabilities()), "tolerance": tolerance(precision), "graphs": {}}
     for name, entry in manifest["graphs"].items():
         spec = specs[name]
@@ -83,7 +87,8 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
             log(f"{name}: OpenVINO {precision} blob up to date, reused")
             continue
         t = time.perf_counter()
-        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, precision, threads)
+        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, precision, threads,
+                                       f16_weights=weights == "f16")
         compile_s = time.perf_counter() - t
         size = compiled.export(blob)
         del compiled
