@@ -108,6 +108,17 @@ def _pose(args) -> int:
                                       args.stride, args.start, args.quiet))
 
 
+def _ui(args) -> int:
+    from aa_trt.ui import serve
+
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    serve(ckpt=args.ckpt, engine=args.engine, host=args.host, port=args.port, device=device)
+    return 0
+
+
 def _data_synth(args) -> int:
     from aa_trt.training.synthetic import synthesize
 
@@ -344,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(q)
     _add_report_flags(q)
     q.set_defaults(func=_pose)
+
+    u = sub.add_parser("ui", help="the animation in a web page (gradio: pip install \"aa-trt[ui]\")",
+                       description="Serve a web page for `run`: a reference image and a dance video "
+                       "(or the bundled example), the settings, a pose preview, a progress bar, and the "
+                       "result to play and download beside a reference | pose | result grid. One run at "
+                       "a time on the device (a queue); the model is loaded once. Open the printed "
+                       "address in a browser; Ctrl-C stops it.")
+    u.add_argument("--ckpt", type=Path, default=None, help="aa-trt checkpoint (default: the embedded model)")
+    u.add_argument("--engine", type=Path, default=None, metavar="DIR",
+                   help="run on the graphs of `aa-trt build` (as `run --engine`)")
+    u.add_argument("--device", default="auto", help="torch device (default auto: cuda if available, else cpu)")
+    u.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only). --host 0.0.0.0 exposes "
+                   "the page, with no login, to everyone on the network: only as your explicit choice")
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    u.set_defaults(func=_ui)
 
     d = sub.add_parser("data", help="make training data (synthetic dancing characters)",
                        description="Training data for `aa-trt train`, in Moore's meta-JSON format.")
