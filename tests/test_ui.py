@@ -143,6 +143,19 @@ def test_preview_of_a_pose_video_is_the_video(tiny):
     assert out["video"] == str(tiny["dance"]) and "pose video" in out["note"]
 
 
+def test_one_queue_for_the_device(tiny):
+    """Generate and the pose preview share one queue of one: two tabs never run on the device at
+    the same time."""
+    pytest.importorskip("gradio", reason='gradio is not installed (pip install "aa-trt[ui]")')
+    from aa_trt.ui import PageApp, build
+
+    demo = build(PageApp(ckpt=tiny["ckpt"], workdir=tiny["dir"] / "work-queue"))
+    fns = {f.name: f for f in demo.fns.values()}
+    for name in ("on_generate", "on_preview"):
+        assert fns[name].queue and fns[name].concurrency_limit == 1, name
+    assert fns["on_generate"].concurrency_id == fns["on_preview"].concurrency_id
+
+
 # -- the page in a real browser -------------------------------------------------------------------
 
 def _browser_tests_selected(config) -> bool:
