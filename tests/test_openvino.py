@@ -137,9 +137,10 @@ def test_cli_run_bf16_close_to_torch(builds, ckpt, tmp_path, capsys):
     dance = make_video(tmp_path / "dance.mp4", stick_frames(6, (32, 32)), fps=8)
     base = [str(ref), str(dance), "--ckpt", str(ckpt), "--pose-video", "--steps", "2",
             "--context-frames", "4", "--context-overlap", "2", "--width", "32", "--height", "32", "--quiet"]
-    assert cli(["run", *base, "--seed", "5", "--json", "-o", str(tmp_path / "torch.mp4")]) == 0
+    fp32 = ["--dtype", "fp32"]  # the torch path in fp32, what the tolerances were measured against
+    assert cli(["run", *base, *fp32, "--seed", "5", "--json", "-o", str(tmp_path / "torch.mp4")]) == 0
     assert cli(["run", *base, "--seed", "5", "--json", "-o", str(tmp_path / "ov.mp4"), "--engine", str(d)]) == 0
-    assert cli(["run", *base, "--seed", "6", "-o", str(tmp_path / "other.mp4")]) == 0
+    assert cli(["run", *base, *fp32, "--seed", "6", "-o", str(tmp_path / "other.mp4")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert '"backend": "OvAnimator"' in lines[1]
     a, b, c = (probe(tmp_path / f)["pixels"].astype(float) / 255 for f in ("torch.mp4", "ov.mp4", "other.mp4"))
@@ -242,3 +243,20 @@ def test_backend_auto_choice(builds, ckpt, monkeypatch, tmp_path):
     assert resolve_backend("auto") == ("onnxruntime", "no CUDA device, openvino not installed")
     with pytest.raises(InputError, match="OpenVINO backend asked for, but openvino not installed"):
         animator_from_dir(d, ckpt, backend="openvino")
+
+
+def test_cli_build_backend(ckpt, tmp_path, capsys):
+    from aa_trt.cli import main
+
+    out = tmp_path / "cli"
+    common = ["build", "--ckpt", str(ckpt), "-o", str(out), "--height", "32", "--width", "32",
+              "--frames", "4", "--graphs", "pose_guider"]
+    assert main([*common, "--backend", "openvino", "--precision", "f32"]) == 0
+    assert "OpenVINO f32 (asked for)" in capsys.readouterr().out
+    m = json.loads((out / mf.MANIFEST).read_text())
+    assert set(m["openvino"]["graphs"]) == {"pose_guider"} and m["openvino"]["precision"] == "f32"
+    assert main([*common, "--backend", "onnxruntime", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--precision bf16: applies to the OpenVINO backend, not to onnxruntime"), err
+    assert main([*common, "--backend", "openvino", "--tensorrt", "on"]) == 2
+    assert "--tensorrt on: contradicts --backend 'openvino'" in capsys.readouterr().err
