@@ -16,7 +16,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnx", reason="onnx not installed (pip install 'aa-trt[export]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'aa-trt[export]')")
