@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "uninterrupted run. Removed when the output is written")
     r.add_argument("--ckpt", type=Path, default=None, help="aa-trt checkpoint (default: the embedded model)")
     r.add_argument("--engine", type=Path, default=None, metavar="DIR",
-                   help="run on the graphs of `aa-trt build` (TensorRT where available, else onnxruntime); "
-                   "the DIR must have been built from --ckpt at the output size")
+                   help="run on the graphs of `aa-trt build`: TensorRT on CUDA, OpenVINO on the CPU where "
+                   "the build compiled for it, else onnxruntime (the summary says which and why); the "
+                   "DIR must have been built from --ckpt at the output size")
     r.add_argument("--pose-video", action="store_true",
                    help="the driving video already is a pose rendering (e.g. Moore's *_kps.mp4): use as is")
     r.add_argument("--dwpose", type=Path, default=None, metavar="DIR",

@@ -21,6 +21,7 @@ from aa_trt.models.external import clip_pixels
 from aa_trt.models.layers import ReferenceState
 from aa_trt.models.reference_kv import ReferenceKV, compute_reference_kv
 from aa_trt.options import SampleOptions
+from aa_trt.pose.stage import PoseFrames, RenderedFrames
 from aa_trt.sampling import SAMPLERS, ddim_schedule
 
 
@@ -119,30 +120,42 @@ class Animator:
         return (mean * self.config.latent_scale).to(self.dtype)
 
     @torch.no_grad()
-    def encode_poses(self, poses: np.ndarray, chunk: int = 16, to_host: bool = False) -> torch.Tensor:
-        """poses uint8 (N, H, W, 3) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore.
-        to_host: each chunk's features go to host memory as they are made (see `prepare`)."""
-        feats = None  # filled chunk by chunk: the features are held once, not twice
-        for s in range(0, len(poses), chunk):
-            x = torch.from_numpy(np.ascontiguousarray(poses[s:s + chunk])).to(self.device)
+    def encode_poses(self, poses, chunk: int = 16, to_host: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """poses: uint8 (N, H, W, 3), or pose.stage.PoseFrames (made chunk by chunk, never held
+        whole) -> PoseGuider features (N, C0, H/f, W/f), u8/255 as Moore; `size` (width, height)
+        resizes frames of another size first. to_host: each chunk's features go to host memory
+        as they are made (see `prepare`). The features are the run's dtype: half precision in a
+        bf16/fp16 run, which is what a long video costs per frame besides its latents."""
+        frames = poses if isinstance(poses, PoseFrames) else RenderedFrames(poses)
+        feats, s = None, 0  # filled chunk by chunk: the features are held once, not twice
+        for images in frames.chunks(chunk):
+            if size is not None and images.shape[1:3] != (size[1], size[0]):
+                images = np.stack([np.asarray(_resize(Image.fromarray(p), *size)) for p in images])
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
             f = self.models.pose_guider(x)
             if feats is None:
-                shape = (len(poses),) + tuple(f.shape[1:])
+                shape = (len(frames),) + tuple(f.shape[1:])
                 feats = (torch.empty(shape, dtype=f.dtype, pin_memory=self.device.type == "cuda")
                          if to_host else f.new_empty(shape))
             feats[s:s + len(f)] = f
+            s += len(f)
+        if s != len(frames):
+            raise InputError(f"{len(frames)} pose frames announced, {s} made")
         return feats
 
-    def prepare(self, ref_image: Image.Image, poses: np.ndarray, width: int | None = None,
+    def prepare(self, ref_image: Image.Image, poses, width: int | None = None,
                 height: int | None = None) -> Conditioning:
-        poses = _check_poses(poses)
-        n, ph, pw, _ = poses.shape
+        """poses: uint8 (N, H, W, 3) pose renderings or pose.stage.PoseFrames (their size is the
+        output size unless width/height are given)."""
+        if not isinstance(poses, PoseFrames):
+            poses = _check_poses(poses)
+        elif len(poses) == 0:
+            raise InputError("no pose frames")
+        pw, ph = (poses.width, poses.height) if isinstance(poses, PoseFrames) else (poses.shape[2], poses.shape[1])
         width = (width or pw) // 8 * 8
         height = (height or ph) // 8 * 8
         self.check_size(width, height)
-        if (pw, ph) != (width, height):
-            poses = np.stack([np.asarray(_resize(Image.fromarray(p), width, height)) for p in poses])
         self._place_conditioners(self.device)  # back from an earlier video's offload
         clip = self.encode_clip(ref_image)
         ref_latent = self.encode_reference(ref_image, width, height)
@@ -153,7 +166,8 @@ class Animator:
         # frame at 512x768 in fp16): with `offload` they stay in host memory and each window's
         # frames move to the device when the window runs, so device memory is flat in length.
         host = self.offload and self.device.type != "cpu"
-        return Conditioning(clip, ref_latent, kv, self.encode_poses(poses, to_host=host), width, height)
+        feats = self.encode_poses(poses, to_host=host, size=(width, height))
+        return Conditioning(clip, ref_latent, kv, feats, width, height)
 
     def conditioning_models(self) -> list[torch.nn.Module]:
         """What `offload` moves off the device: the ReferenceNet, the CLIP image encoder and the
@@ -306,22 +320,29 @@ class Animator:
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False) -> np.ndarray:
-        """latents (1, c, N, h, w) -> float32 frames (N, H, W, 3) in [0, 1], `chunk` frames a call
-        (None: `default_decode_chunk` of the output size)."""
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False):
+        """latents (1, c, N, h, w) -> float32 frames (k, H, W, 3) in [0, 1], `chunk` frames a call
+        (None: `default_decode_chunk` of the output size), yielded as they are decoded: a writer
+        that takes them one chunk at a time never holds the video."""
         from tqdm.auto import tqdm
 
         z = latents[0].permute(1, 0, 2, 3)  # (N, c, h, w)
         if chunk is None:
             f = self.config.latent_factor
             chunk = default_decode_chunk(z.shape[-2] * f, z.shape[-1] * f)
-        frames = None  # filled chunk by chunk: the video is held once, not twice
         for s in tqdm(range(0, z.shape[0], chunk), desc="decode", disable=not progress):
             x = self.models.vae.decode((z[s:s + chunk] / self.config.latent_scale).to(self.vae_dtype)).sample
-            x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            yield (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False) -> np.ndarray:
+        """`decode_chunks` gathered: float32 frames (N, H, W, 3) in [0, 1]."""
+        frames, s = None, 0  # filled chunk by chunk: the video is held once, not twice
+        for x in self.decode_chunks(latents, chunk, progress):
             if frames is None:
-                frames = np.empty((z.shape[0],) + x.shape[1:], np.float32)
+                frames = np.empty((latents.shape[2],) + x.shape[1:], np.float32)
             frames[s:s + len(x)] = x
+            s += len(x)
         return frames
 
     # ------------------------------------------------------------------ all together

@@ -153,8 +153,8 @@ def driving_poses(opts: RunOptions, clip, ref_image, width: int, height: int, ex
     """The pose stage (aa_trt.pose.stage) for a run's options: (pose images, summary facts)."""
     from aa_trt.pose.stage import driving_poses as stage, video_cache_key
 
-    key = None if opts.pose_video else video_cache_key(opts.driving, opts.start, opts.stride, len(clip.frames))
-    return stage(clip.frames, width, height, source=opts.driving, pose_video=opts.pose_video,
+    key = None if opts.pose_video else video_cache_key(opts.driving, opts.start, opts.stride, opts.frames)
+    return stage(clip, width, height, source=opts.driving, pose_video=opts.pose_video,
                  extractor=extractor, dwpose=opts.dwpose, ref_image=ref_image if opts.align else None,
                  ref_source=opts.ref, cache_key=key, progress=not opts.quiet)
 
@@ -169,7 +169,7 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
 
     from aa_trt.checkpoint import read_config
     from aa_trt.pipeline import Animator
-    from aa_trt.video import DEFAULT_CRF, check_png_folder, read_clip, read_image, write_png_frames, write_video
+    from aa_trt.video import DEFAULT_CRF, check_png_folder, open_clip, read_image, write_png_frames, write_video
 
     timer = Timer()
     ckpt = checkpoint_path(opts.ckpt)
@@ -189,7 +189,7 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
         raise InputError(f"{out_dir}: output folder is not writable")
     with timer("read"):
         ref_image = read_image(opts.ref)
-        clip = read_clip(opts.driving, opts.start, opts.stride, opts.frames)
+        clip = open_clip(opts.driving, opts.start, opts.stride, opts.frames)  # decoded as it is read
     with timer("load"):
         width, height = output_size(ref_image.size, min(config.default_size), opts.width, opts.height)
         if opts.engine is not None:
@@ -219,26 +219,26 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
             anim.last_seed = saved.seed
         facts["resumed_from_step"] = start
     with timer("animate"):
-        frames = anim(ref_image, poses, sample, width=width, height=height,
-                      progress=on_progress if on_progress is not None else not opts.quiet,
-                      latents=latents, start=start, carry=carry,
-                      callback=resume.save if resume is not None else None)
-    with timer("write"):
-        video = (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
-        if opts.grid:
-            video = grid_frames(ref_image, poses, video)
+        # The final latents are the one whole-video tensor kept (with the pose features).
+        final = anim(ref_image, poses, sample, width=width, height=height, output="latent",
+                     progress=on_progress if on_progress is not None else not opts.quiet,
+                     latents=latents, start=start, carry=carry,
+                     callback=resume.save if resume is not None else None)
+    with timer("write"):  # decoded a chunk at a time, straight into the encoder as uint8
+        n = len(poses)
+        video = streamed_frames(anim, final, ref_image, poses if opts.grid else None, not opts.quiet)
         if opts.png:
             write_png_frames(opts.output, video)
         else:
-            write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration,
+            write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration(n),
                         crf=DEFAULT_CRF if opts.crf is None else opts.crf)
     if resume is not None:
         resume.remove()  # the output is complete: nothing left to resume
-    return {"output": str(opts.output), "frames": len(video), "width": width, "height": height,
+    return {"output": str(opts.output), "frames": n, "width": width, "height": height,
             "guidance": sample.guidance, "steps": sample.steps, "sampler": sample.sampler,
             "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
-            "precision_reason": precision[1], **facts,
+            "precision_reason": precision[1], **facts, "peak_rss_mb": peak_rss_mb(),
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
 
 
@@ -266,6 +266,31 @@ def _resume_state(opts: RunOptions, ckpt: Path, sample: SampleOptions, width: in
     return state, saved, sample
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, MB (Linux and macOS; None elsewhere)."""
+    try:
+        import resource
+        import sys
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def streamed_frames(anim, latents, ref_image, grid_poses=None, progress: bool = False):
+    """uint8 (H, W, 3) frames of the final latents (1, c, N, h, w), one at a time, decoded chunk
+    by chunk; with `grid_poses` (pose.stage.PoseFrames) as reference | pose | result."""
+    import torch
+
+    with torch.no_grad():
+        poses = grid_poses.chunks(1) if grid_poses is not None else None
+        for chunk in anim.decode_chunks(latents, progress=progress):
+            video = (chunk * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+            if poses is not None:
+                video = grid_frames(ref_image, np.concatenate([next(poses) for _ in video]), video)
+            yield from video
+
+
 def grid_frames(ref_image, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """(N, H, 3W, 3) uint8: the reference (as the model saw it: resized to the output size), the
     pose image and the result, side by side, as Moore-AnimateAnyone's grid."""
@@ -278,29 +303,33 @@ def grid_frames(ref_image, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
 
 def pose_preview(driving: Path, output: Path, ref: Path | None = None, dwpose=None, frames=None,
                  stride: int = 1, start: int = 0, quiet: bool = False) -> dict:
-    """`aa-trt pose`: source frames and their (aligned, with ref) skeletons side by side."""
+    """`aa-trt pose`: source frames and their (aligned, with ref) skeletons side by side; the
+    video is read twice (extraction, then the side-by-side), never held whole."""
     from PIL import Image
 
     from aa_trt.pose.stage import driving_poses as stage, video_cache_key
-    from aa_trt.video import read_clip, read_image, write_video
+    from aa_trt.video import open_clip, read_image, write_video
 
     timer = Timer()
     driving = Path(driving)
     with timer("read"):
-        clip = read_clip(driving, start, stride, frames)
+        clip = open_clip(driving, start, stride, frames)
         ref_image = read_image(ref) if ref is not None else None
-    h, w = clip.frames[0].shape[:2]
+    h, w = clip.first_shape[:2]
     size = (w // 2 * 2, h // 2 * 2)
     with timer("pose"):
-        poses, facts = stage(clip.frames, size[0], size[1], source=driving, dwpose=dwpose,
+        poses, facts = stage(clip, size[0], size[1], source=driving, dwpose=dwpose,
                              ref_image=ref_image, ref_source=ref,
-                             cache_key=video_cache_key(driving, start, stride, len(clip.frames)),
+                             cache_key=video_cache_key(driving, start, stride, frames),
                              progress=not quiet)
+
+    def side_by_side():
+        for f, p in zip(clip.frames(), poses.chunks(1)):
+            yield np.concatenate([np.asarray(Image.fromarray(f).resize(size)), p[0]], axis=1)
+
     with timer("write"):
-        side = [np.concatenate([np.asarray(Image.fromarray(f).resize(size)), p], axis=1)
-                for f, p in zip(clip.frames, poses)]
-        write_video(output, side, clip.fps, clip.audio_path, clip.start_time, clip.duration)
-    return {"output": str(output), "frames": len(side), **facts,
+        write_video(output, side_by_side(), clip.fps, clip.audio_path, clip.start_time, clip.duration(len(poses)))
+    return {"output": str(output), "frames": len(poses), **facts,
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
 
 

@@ -61,58 +61,115 @@ def read_image(path) -> Image.Image:
     return im.convert("RGB")
 
 
+class ClipStream:
+    """Frames start, start + stride, ... (at most max_frames) of a video file or a folder of images,
+    decoded when iterated (`frames()`, again from the start at each call): a long video is never
+    held whole. Opening checks the file and reads what the output needs (fps, where the taken
+    frames start, whether there is audio) from its first taken frame."""
+
+    def __init__(self, path, start: int = 0, stride: int = 1, max_frames: int | None = None):
+        path = Path(path)
+        for name, v, low in (("start", start, 0), ("stride", stride, 1), ("frames", max_frames, 1)):
+            if v is not None and v < low:
+                raise OptionError(name, v, f"must be >= {low}")
+        self.path, self.start, self.stride, self.max_frames = path, start, stride, max_frames
+        self.count: int | None = None  # known after a complete pass
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)[start::stride][:max_frames]
+            if not self.files:
+                raise InputError(f"{path}: no image frames in this folder")
+            self.source_fps, self.start_time, self.audio_path = FOLDER_FPS, 0.0, None
+            self.count = len(self.files)
+            self.first_shape = np.asarray(read_image(self.files[0])).shape
+            return
+        if not path.is_file():
+            raise InputError(f"{path}: no such file or folder")
+        self.files = None
+        first = None
+        try:
+            with _av().open(str(path)) as container:
+                if not container.streams.video:
+                    raise InputError(f"{path}: has no video stream")
+                vs = container.streams.video[0]
+                rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+                self.source_fps = float(rate) if rate else FOLDER_FPS
+                self.audio_path = path if container.streams.audio else None
+                for i, frame in enumerate(container.decode(vs)):
+                    if i == start:
+                        first = frame
+                        break
+        except InputError:
+            raise
+        except Exception as e:  # PyAV raises av.error.* (InvalidDataError, ...) for broken input
+            raise InputError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
+        if first is None:
+            raise InputError(f"{path}: no frames" + (f" at or after frame {start}" if start else ""))
+        self.start_time = float(first.time) if first.time is not None else start / self.source_fps
+        self.first_shape = (first.height, first.width, 3)
+
+    @property
+    def fps(self) -> float:
+        """Of the taken frames (the source's divided by the stride)."""
+        return self.source_fps / self.stride
+
+    def duration(self, n: int | None = None) -> float:
+        """Seconds that n taken frames cover (default: all of them; known after one pass)."""
+        n = self.count if n is None else n
+        if n is None:
+            raise ValueError("the clip's length is known after one pass over its frames")
+        return n / self.fps
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """uint8 (H, W, 3) RGB each, decoded as they are taken."""
+        n = 0
+        if self.files is not None:
+            for f in self.files:
+                a = np.asarray(read_image(f))
+                if a.shape != self.first_shape:
+                    h, w = self.first_shape[:2]
+                    raise InputError(f"{f}: size differs from the folder's first frame {w}x{h}")
+                yield a
+            return
+        try:
+            with _av().open(str(self.path)) as container:
+                vs = container.streams.video[0]
+                vs.thread_type = "AUTO"
+                for i, frame in enumerate(container.decode(vs)):
+                    if i < self.start or (i - self.start) % self.stride:
+                        continue
+                    yield frame.to_ndarray(format="rgb24")
+                    n += 1
+                    if self.max_frames is not None and n >= self.max_frames:
+                        break
+        except InputError:
+            raise
+        except GeneratorExit:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a file broken past its first frame
+            raise InputError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
+        self.count = n
+
+    def chunks(self, size: int) -> Iterator[list[np.ndarray]]:
+        """The frames in lists of at most `size`."""
+        chunk = []
+        for f in self.frames():
+            chunk.append(f)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def open_clip(path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> ClipStream:
+    return ClipStream(path, start, stride, max_frames)
+
+
 def read_clip(path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> Clip:
-    """Frames start, start + stride, ... (at most max_frames) of a video file or a folder of images."""
-    path = Path(path)
-    for name, v, low in (("start", start, 0), ("stride", stride, 1), ("frames", max_frames, 1)):
-        if v is not None and v < low:
-            raise OptionError(name, v, f"must be >= {low}")
-    if path.is_dir():
-        return _read_folder(path, start, stride, max_frames)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file or folder")
-    av = _av()
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path}: has no video stream")
-            vs = container.streams.video[0]
-            vs.thread_type = "AUTO"
-            rate = vs.average_rate or vs.guessed_rate or vs.base_rate
-            fps = float(rate) if rate else FOLDER_FPS
-            has_audio = bool(container.streams.audio)
-            first_time = None
-            for i, frame in enumerate(container.decode(vs)):
-                if i < start or (i - start) % stride:
-                    continue
-                if first_time is None:
-                    first_time = float(frame.time) if frame.time is not None else start / fps
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except InputError:
-        raise
-    except Exception as e:  # PyAV raises av.error.* (InvalidDataError, ...) for broken input
-        raise InputError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise InputError(f"{path}: no frames" + (f" at or after frame {start}" if start else ""))
-    out_fps = fps / stride
-    return Clip(frames, out_fps, first_time or 0.0, len(frames) / out_fps, path if has_audio else None)
-
-
-def _read_folder(path: Path, start: int, stride: int, max_frames: int | None) -> Clip:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    files = files[start::stride][:max_frames]
-    if not files:
-        raise InputError(f"{path}: no image frames in this folder")
-    frames = [np.asarray(read_image(f)) for f in files]
-    size = frames[0].shape
-    bad = next((f for f, a in zip(files, frames) if a.shape != size), None)
-    if bad is not None:
-        raise InputError(f"{bad}: size differs from the folder's first frame {size[1]}x{size[0]}")
-    fps = FOLDER_FPS / stride
-    return Clip(frames, fps, 0.0, len(frames) / fps, None)
+    """The frames of `open_clip` held in memory (short clips: previews, training data)."""
+    stream = ClipStream(path, start, stride, max_frames)
+    frames = list(stream.frames())
+    return Clip(frames, stream.fps, stream.start_time, len(frames) / stream.fps, stream.audio_path)
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,7 @@ def test_cli_run_on_engine_dir_equals_torch(built, ckpt, tmp_path, capsys):
     base = [str(ref), str(dance), "--ckpt", str(ckpt), "--pose-video", "--steps", "2",
             "--context-frames", "4", "--context-overlap", "2", "--width", "32", "--height", "32", "--quiet"]
     common = [*base, "--seed", "5", "--json"]
-    assert cli(["run", *common, "-o", str(tmp_path / "torch.mp4")]) == 0
+    assert cli(["run", *common, "-o", str(tmp_path / "torch.mp4"), "--dtype", "fp32"]) == 0  # as the graphs
     assert cli(["run", *common, "-o", str(tmp_path / "engine.mp4"), "--engine", str(out_dir)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert '"backend": "Animator"' in lines[0] and '"backend": "OrtAnimator"' in lines[1]
@@ -328,7 +328,7 @@ def test_cli_run_on_engine_dir_equals_torch(built, ckpt, tmp_path, capsys):
     # The frames agree to ~1e-3 before encoding (test_ort_pipeline_matches_torch); after H.264 at
     # crf 18 on noise-like random-weight output they differ by a couple of levels, while another
     # seed moves them by tens: the comparison can tell a wrong backend from a right one.
-    assert cli(["run", *base, "--seed", "6", "-o", str(tmp_path / "other.mp4")]) == 0
+    assert cli(["run", *base, "--seed", "6", "-o", str(tmp_path / "other.mp4"), "--dtype", "fp32"]) == 0
     c = probe(tmp_path / "other.mp4")
     same = np.abs(a["pixels"].astype(int) - b["pixels"].astype(int)).mean()
     other = np.abs(a["pixels"].astype(int) - c["pixels"].astype(int)).mean()

@@ -154,13 +154,13 @@ class GraphAnimator(Animator):
         self.engine_dir, self.manifest = Path(engine_dir), manifest
         self.size = (shapes["width"], shapes["height"])
 
-    def encode_poses(self, poses: np.ndarray, chunk: int | None = None, to_host: bool = False) -> torch.Tensor:
+    def encode_poses(self, poses, chunk: int | None = None, to_host: bool = False, size=None) -> torch.Tensor:
         # The graph's batch axis stops at the build's pose_chunk.
-        return super().encode_poses(poses, chunk or self.manifest["shapes"]["pose_chunk"], to_host)
+        return super().encode_poses(poses, chunk or self.manifest["shapes"]["pose_chunk"], to_host, size)
 
-    def decode(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False) -> np.ndarray:
+    def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False):
         built = self.manifest["shapes"]["decode_chunk"]  # the graphs' largest batch
-        return super().decode(latents, min(chunk or built, built), progress)
+        return super().decode_chunks(latents, min(chunk or built, built), progress)
 
     def check_size(self, width: int, height: int) -> None:
         # Engines are built for one size (TensorRT profiles, the manifest's shapes).

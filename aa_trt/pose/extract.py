@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,10 +28,11 @@ def cache_dir() -> Path:
     return Path(root) / "poses"
 
 
-def extract_video(extractor, frames: Sequence[np.ndarray], cache_key: str | None = None,
+def extract_video(extractor, frames: Iterable[np.ndarray], cache_key: str | None = None,
                   progress: bool = True) -> list[Pose | None]:
-    """Poses of every frame; with a cache_key (the input's hash and the frame selection) a rerun
-    reads them back instead of extracting again."""
+    """Poses of every frame (a sequence, or an iterable such as video.ClipStream.frames(), taken
+    one at a time: the video is never held whole); with a cache_key (the input's hash and the
+    frame selection) a rerun reads them back instead of extracting again."""
     name = type(extractor).__name__
     path = None
     if cache_key is not None:
@@ -40,20 +41,24 @@ def extract_video(extractor, frames: Sequence[np.ndarray], cache_key: str | None
         if path.is_file():
             try:
                 cached = load_poses(path)
-                if len(cached) == len(frames):
+                if not hasattr(frames, "__len__") or len(cached) == len(frames):
                     return cached
             except (OSError, KeyError, ValueError):
                 pass  # a broken cache entry is recomputed
-    bar = tqdm(total=len(frames), desc="pose", unit="frame", disable=not progress)
+    bar = tqdm(total=len(frames) if hasattr(frames, "__len__") else None, desc="pose", unit="frame",
+               disable=not progress)
+    size = []
 
     def counted():
         for f in frames:
+            if not size:
+                size.extend(f.shape[:2])
             yield f
             bar.update(1)
 
     poses = extractor.video(counted())
     bar.close()
-    if path is not None:
-        h, w = frames[0].shape[:2]
+    if path is not None and size:
+        h, w = size
         save_poses(path, poses, w, h)
     return poses
