@@ -288,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(r)
     r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
     r.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as the paper)")
-    r.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m|dpmpp_3m",
-                   help="sampling method: ddim (default; Moore's), dpmpp_2m, dpmpp_3m (DPM-Solver++; "
-                   "closer to the many-step render at few steps, see docs/samplers.md)")
+    r.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m",
+                   help="sampling method: ddim (default; Moore's), dpmpp_2m (DPM-Solver++(2M): a little "
+                   "closer to the many-step render at few steps without CFG, not with it; docs/samplers.md)")
     r.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's; 3.5 for Moore's)")
     r.add_argument("--guidance-interval", default=None, metavar="LO,HI",
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per split (default all)")
     e.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
     e.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    e.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m|dpmpp_3m", help="sampling method (default ddim)")
+    e.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m", help="sampling method (default ddim)")
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's; 3.5 for Moore's)")
     e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="apply CFG only at UNet timesteps LO..HI (default: every step)")
