@@ -63,13 +63,24 @@ class DDIMSchedule:
         return len(self.timesteps)
 
 
-def ddim_schedule(cfg: SchedulerConfig, steps: int) -> DDIMSchedule:
-    """Timesteps as diffusers' DDIMScheduler.set_timesteps spaces them, and its prev-step rule."""
+def _check_steps(cfg: SchedulerConfig, steps: int) -> int:
+    """The training timesteps T, once steps is known to lie in 1..T."""
     T = cfg.num_train_timesteps
     if not 1 <= steps <= T:
         raise OptionError("steps", steps, f"must be in 1..{T} (the model's training timesteps)")
+    return T
+
+
+def _trailing(T: int, steps: int) -> np.ndarray:
+    """diffusers' "trailing" spacing (DDIM's and DPM-Solver's alike): the last step at T - 1."""
+    return np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+
+
+def ddim_schedule(cfg: SchedulerConfig, steps: int) -> DDIMSchedule:
+    """Timesteps as diffusers' DDIMScheduler.set_timesteps spaces them, and its prev-step rule."""
+    T = _check_steps(cfg, steps)
     if cfg.timestep_spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        ts = _trailing(T, steps)
     elif cfg.timestep_spacing == "leading":
         ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + cfg.steps_offset
     elif cfg.timestep_spacing == "linspace":
@@ -134,11 +145,9 @@ def dpm_schedule(cfg: SchedulerConfig, steps: int) -> DDIMSchedule:
     lambda_min_clipped = -inf). For trailing spacing (Moore's) they are DDIM's own; leading and
     linspace space steps + 1 points and drop the last. prev_timesteps: the next timestep, -1 (the
     clean end, alpha_bar = 1, diffusers' final_sigmas_type="zero") after the last."""
-    T = cfg.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise OptionError("steps", steps, f"must be in 1..{T} (the model's training timesteps)")
+    T = _check_steps(cfg, steps)
     if cfg.timestep_spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        ts = _trailing(T, steps)
     elif cfg.timestep_spacing == "leading":
         ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
     elif cfg.timestep_spacing == "linspace":

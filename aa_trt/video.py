@@ -143,8 +143,6 @@ class ClipStream:
                         break
         except InputError:
             raise
-        except GeneratorExit:
-            raise
         except Exception as e:  # noqa: BLE001 -- a file broken past its first frame
             raise InputError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
         self.count = n
