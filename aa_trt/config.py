@@ -167,8 +167,14 @@ class ModelConfig:
     # CFG scale used when the caller gives none. 3.5 is Moore's inference setting for its SD-sized
     # model; a model trained here may declare its own (how it was chosen: its provenance/docs).
     guidance: float = 3.5
+    # DDIM steps used when the caller gives none: 20 (the paper's) unless the model says otherwise
+    # (a distilled student, `aa-trt train --stage distill`, declares the steps it was made for).
+    steps: int = 20
 
     def __post_init__(self):
+        T = self.scheduler.num_train_timesteps
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= T:
+            raise ValueError(f"{self.name}: default steps {self.steps!r} must be a whole number in 1..{T}")
         pg = self.pose_guider
         if self.vae and not (self.unet.in_channels == self.unet.out_channels == self.latent_channels):
             raise ValueError(f"{self.name}: the UNet maps {self.unet.in_channels} -> {self.unet.out_channels} "
@@ -215,6 +221,7 @@ class ModelConfig:
             bank_dtype=d.get("bank_dtype", "float16"),
             default_size=tuple(d.get("default_size", (512, 768))),
             guidance=float(d.get("guidance", 3.5)),
+            steps=d.get("steps", 20),
         )
 
     def replace(self, **kw) -> "ModelConfig":

@@ -57,7 +57,8 @@ def _interval(value) -> tuple[int, int]:
 class SampleOptions:
     """How a video is denoised.
 
-    steps: sampler steps (the UNet runs `steps` times per window and branch).
+    steps: sampler steps (the UNet runs `steps` times per window and branch); None takes the
+      checkpoint's declared steps (20 unless it is a distilled student).
     guidance: classifier-free guidance scale; None takes the checkpoint's declared one; <= 1 runs
       the cond branch only (no CFG, as Moore).
     sampler: the sampling method, a name in `aa_trt.sampling.SAMPLERS`.
@@ -70,7 +71,7 @@ class SampleOptions:
       runs (one UNet evaluation per window instead of two). None: CFG at every step.
     """
 
-    steps: int = 20
+    steps: int | None = None
     guidance: float | None = None
     sampler: str = "ddim"
     context_frames: int = 24
@@ -81,7 +82,8 @@ class SampleOptions:
     guidance_interval: tuple[int, int] | None = None
 
     def __post_init__(self):
-        _int("steps", self.steps, 1)
+        if self.steps is not None:
+            _int("steps", self.steps, 1)
         if self.guidance is not None:
             g = self.guidance
             if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
@@ -120,8 +122,11 @@ class SampleOptions:
         return self.build(self, **kw)
 
     def resolve(self, config) -> "SampleOptions":
-        """Checked against a model's config (aa_trt.config.ModelConfig); guidance filled in."""
+        """Checked against a model's config (aa_trt.config.ModelConfig); steps and guidance
+        filled in from it where None."""
         T = config.scheduler.num_train_timesteps
+        if self.steps is None:
+            return dataclasses.replace(self, steps=int(config.steps)).resolve(config)
         if self.steps > T:
             raise OptionError("steps", self.steps, f"must be in 1..{T} (the model's training timesteps)")
         if self.guidance_interval is not None and self.guidance_interval[1] > T - 1:

@@ -58,11 +58,12 @@ def test_defaults_and_resolve():
     from aa_trt.config import preset
 
     s = SampleOptions()
-    assert (s.steps, s.guidance, s.sampler, s.context_frames, s.context_overlap) == (20, None, "ddim", 24, 4)
+    assert (s.steps, s.guidance, s.sampler, s.context_frames, s.context_overlap) == (None, None, "ddim", 24, 4)
     cfg = preset("tiny")
     r = s.resolve(cfg)
     assert r.guidance == cfg.guidance and r.replace(guidance=2).resolve(cfg).guidance == 2.0
-    assert SampleOptions.build(s, steps=4).steps == 4 and s.steps == 20  # frozen: a new value
+    assert r.steps == cfg.steps == 20 and s.resolve(cfg.replace(steps=10)).steps == 10  # the model's steps
+    assert SampleOptions.build(s, steps=4).steps == 4 and s.steps is None  # frozen: a new value
     with pytest.raises(OptionError, match="^colour='red': not a sampling option"):
         SampleOptions.build(colour="red")
     with pytest.raises(Exception):
