@@ -3,6 +3,7 @@ act on (AATrtError) print as one line and exit 2, an interrupt exits 130."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
@@ -158,6 +159,8 @@ def _eval(args) -> int:
                        sample=SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
                                             sampler=args.sampler, guidance_interval=args.guidance_interval),
                        agreement_steps=args.agreement_steps,
+                       agreement_ckpt=str(args.agreement_ckpt) if args.agreement_ckpt else None,
+                       agreement_guidance=args.agreement_guidance,
                        device=args.device, dtype=args.dtype, baselines=args.baselines,
                        ceiling=args.ceiling, model=args.model)
     result = evaluate(opts, progress=not args.quiet)
@@ -168,7 +171,53 @@ def _eval(args) -> int:
     return 0
 
 
+DISTILL_ONLY = (("--student-steps", "student_steps"), ("--teacher-steps", "teacher_steps"), ("--guidance", "guidance"))
+
+
+def _train_stage(value: str):
+    """--stage: 0, 1, 2 (ints, as before) or distill."""
+    if value in ("0", "1", "2"):
+        return int(value)
+    if value == "distill":
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected 0, 1, 2 or distill")
+
+
+def _train_distill(args) -> int:
+    from aa_trt.errors import InputError
+    from aa_trt.training.distill import DistillOptions, distill
+
+    if args.preset is not None:
+        raise InputError("--stage distill starts from its teacher: give --init TEACHER.safetensors, not --preset")
+    other = [flag for flag, value in (("--uncond-ratio", args.uncond_ratio), ("--snr-gamma", args.snr_gamma))
+             if value is not None]
+    if other:
+        raise InputError(f"{other[0]} belongs to stages 1 and 2, not --stage distill "
+                         "(the student learns conditional samples, weighted by truncated SNR)")
+    fields = [f.name for f in dataclasses.fields(DistillOptions) if f.init]
+    opts = DistillOptions(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+    path = distill(opts, progress=not args.quiet)
+    if path is not None:
+        print(f"wrote {path}")
+    return 0
+
+
 def _train(args) -> int:
+    from aa_trt.errors import InputError
+
+    if args.stage != "distill":
+        given = [flag for flag, name in DISTILL_ONLY if getattr(args, name) is not None]
+        if given:
+            raise InputError(f"{given[0]} belongs to --stage distill, not --stage {args.stage}")
+    stage0_only = [flag for flag, value in (("--decoder-only", args.decoder_only),
+                                            ("--ssim-weight", args.ssim_weight), ("--crop", args.crop),
+                                            ("--denoised", args.denoised),
+                                            ("--denoised-batch", args.denoised_batch))
+                   if value is not None]
+    if stage0_only and args.stage != 0:
+        raise InputError(f"{stage0_only[0]} belongs to stage 0 (the VAE), not --stage {args.stage}")
+    if args.stage == "distill":
+        return _train_distill(args)
     if args.stage == 0:
         from aa_trt.training.autoencoder import Stage0Options, train_stage0
 
@@ -176,15 +225,6 @@ def _train(args) -> int:
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
-    stage0_only = [flag for flag, value in (("--decoder-only", args.decoder_only),
-                                            ("--ssim-weight", args.ssim_weight), ("--crop", args.crop),
-                                            ("--denoised", args.denoised),
-                                            ("--denoised-batch", args.denoised_batch))
-                   if value is not None]
-    if stage0_only:
-        from aa_trt.errors import InputError
-
-        raise InputError(f"{stage0_only[0]} belongs to stage 0 (the VAE), not --stage {args.stage}")
     from aa_trt.training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
@@ -287,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not rescale the driving skeleton to the reference's proportions")
     _add_clip_flags(r)
     r.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same video")
-    r.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as the paper)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the checkpoint's; 20, as the paper, unless it is a distilled student)")
     r.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m",
                    help="sampling method: ddim (default; Moore's), dpmpp_2m (DPM-Solver++(2M): a little "
                    "closer to the many-step render at few steps without CFG, not with it; docs/samplers.md)")
@@ -428,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", default="test_characters,test_motions", help="comma-separated split names")
     e.add_argument("--videos", type=int, default=None, metavar="N", help="first N videos per split (default all)")
     e.add_argument("--frames", type=int, default=24, metavar="F", help="target frames per video (default 24)")
-    e.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's; 20 for most)")
     e.add_argument("--sampler", default="ddim", metavar="ddim|dpmpp_2m", help="sampling method (default ddim)")
     e.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's; 3.5 for Moore's)")
     e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
@@ -436,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--agreement-steps", type=int, default=None, metavar="N",
                    help="also render each video with DDIM-N (same seed, same guidance, CFG at every step) "
                    "and score the model's frames against it: agreement with the converged render")
+    e.add_argument("--agreement-ckpt", type=Path, default=None, metavar="FILE",
+                   help="with --agreement-steps: render that reference with this checkpoint at its declared "
+                   "guidance (a distilled student's teacher) instead of --ckpt")
+    e.add_argument("--agreement-guidance", type=float, default=None, metavar="G",
+                   help="with --agreement-ckpt: its CFG scale (default: that checkpoint's declared one)")
     e.add_argument("--seed", type=int, default=0, help="noise seed of the first video (+1 per video)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="auto", metavar="auto|fp32|fp16|bf16",
@@ -449,16 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
 
-    t = sub.add_parser("train", help="train stage 1 or 2 (single process or under torchrun)",
+    t = sub.add_parser("train", help="train stage 0, 1 or 2, or distil a checkpoint (single process or under torchrun)",
                        description="Stage 1: denoising UNet (without motion modules), ReferenceNet and "
                        "PoseGuider on single frames. Stage 2: motion modules only, on clips. v-prediction on "
                        "the checkpoint's zero-SNR schedule, min-SNR weighting, offset noise, unconditional "
-                       "samples, AdamW. Under `torchrun --nproc_per_node N` it trains with "
+                       "samples, AdamW. Distill: progressive distillation of --init's denoising UNet into a "
+                       "student taking one DDIM step where the teacher took two (--student-steps N), CFG "
+                       "folded in; the checkpoint declares N steps. Under `torchrun --nproc_per_node N` it trains with "
                        "DistributedDataParallel (--batch is per process). Writes DIR/train_state.pt "
                        "(resumable), DIR/log.jsonl and DIR/model.safetensors (an aa-trt checkpoint).")
-    t.add_argument("--stage", type=int, choices=(0, 1, 2), required=True,
+    t.add_argument("--stage", type=_train_stage, required=True, metavar="0|1|2|distill",
                    help="0: the preset's small VAE and CLIP (for models that cannot ship SD's); "
-                   "1: image level; 2: motion modules")
+                   "1: image level; 2: motion modules; distill: fewer-step student of --init (the teacher)")
     t.add_argument("--data", required=True, metavar="DIR", help="data folder (train.json) or a meta JSON file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder for the state, log and checkpoint")
     t0 = t.add_mutually_exclusive_group(required=True)
@@ -479,13 +527,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "`aa-trt data denoised`")
     t.add_argument("--denoised-batch", type=int, default=None, metavar="N",
                    help="with --denoised: crops of the model's latents per step (default: --batch)")
-    t.add_argument("--frames", type=int, default=None, help="clip length (stage 2; default 16)")
+    t.add_argument("--frames", type=int, default=None, help="clip length (stage 2 and distill; default 16)")
     t.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
     t.add_argument("--size", type=int, default=None, help="train at SxS (default: the data's size)")
     t.add_argument("--seed", type=int, default=0, help="seed of data order, noise and scratch weights")
-    t.add_argument("--uncond-ratio", type=float, default=0.1, help="unconditional samples (default 0.1)")
-    t.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR gamma, 0 = off (default 5)")
-    t.add_argument("--noise-offset", type=float, default=0.05, help="offset noise (default 0.05)")
+    t.add_argument("--uncond-ratio", type=float, default=None, help="unconditional samples (default 0.1)")
+    t.add_argument("--snr-gamma", type=float, default=None, help="min-SNR gamma, 0 = off (default 5)")
+    t.add_argument("--noise-offset", type=float, default=None, help="offset noise (default 0.05; distill: 0)")
+    t.add_argument("--student-steps", type=int, default=None, metavar="N",
+                   help="distill: the student's DDIM steps (default 10); the exported checkpoint declares them")
+    t.add_argument("--teacher-steps", type=int, default=None, metavar="M",
+                   help="distill: the teacher's DDIM steps, a multiple of N (default 2N: progressive distillation)")
+    t.add_argument("--guidance", type=float, default=None,
+                   help="distill: the teacher's CFG scale, folded into the student's one branch when > 1 "
+                   "(default: the teacher checkpoint's)")
     t.add_argument("--weight-decay", type=float, default=1e-2)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")

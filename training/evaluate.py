@@ -48,6 +48,10 @@ class EvalOptions:
     # against it ("agreement"), beside the ground truth: how close fewer steps, another sampler
     # or a guidance interval come to the converged render of the same noise.
     agreement_steps: int | None = None
+    # Render that converged reference with this checkpoint instead (at its own declared guidance):
+    # a distilled student is judged against its teacher's many-step render, not its own.
+    agreement_ckpt: str | None = None
+    agreement_guidance: float | None = None  # with agreement_ckpt; None: that checkpoint's declared scale
     extra: dict = field(default_factory=dict)  # recorded as is (e.g. the training step)
 
 
@@ -77,6 +81,11 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     root = Path(opts.data)
     if not Path(opts.ckpt).is_file():
         raise InputError(f"{opts.ckpt}: no such checkpoint")
+    if opts.agreement_ckpt is not None and opts.agreement_steps is None:
+        raise OptionError("agreement_ckpt", opts.agreement_ckpt, "needs `agreement_steps`")
+    if opts.agreement_guidance is not None and opts.agreement_ckpt is None:
+        raise OptionError("agreement_guidance", opts.agreement_guidance,
+                          "needs `agreement_ckpt` (otherwise the reference uses the model's own guidance)")
     precision = choose(opts.dtype, opts.device)
     animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=precision.torch_dtype())
     sample = animator.sample_options(opts.sample)
@@ -91,9 +100,20 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     if opts.agreement_steps is not None:
         if not opts.model:
             raise OptionError("agreement_steps", opts.agreement_steps, "needs the model to be sampled (model=True)")
-        converged = animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
-                                            guidance_interval=None)
+        ref_animator = animator
+        if opts.agreement_ckpt is not None:
+            if not Path(opts.agreement_ckpt).is_file():
+                raise InputError(f"{opts.agreement_ckpt}: no such checkpoint")
+            ref_animator = Animator.from_pretrained(opts.agreement_ckpt, device=opts.device,
+                                                    dtype=precision.torch_dtype())
+            converged = ref_animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
+                                                    guidance=opts.agreement_guidance, guidance_interval=None)
+        else:
+            converged = animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
+                                                guidance_interval=None)
         result["agreement"] = {"sampler": "ddim", "steps": converged.steps}
+        if opts.agreement_ckpt is not None:
+            result["agreement"].update(ckpt=str(opts.agreement_ckpt), guidance=converged.guidance)
     result["unet_evaluations"] = unet_evaluations(sample, opts.frames, animator.config.scheduler)
     t0 = time.perf_counter()
     for split in opts.splits:
@@ -114,8 +134,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
                 pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
             agree = {}
             if converged is not None:
-                ref_out = animator(Image.fromarray(ref), poses[1:1 + n], converged.replace(seed=sample.seed + i),
-                                   width=w, height=h, progress=False)
+                ref_out = ref_animator(Image.fromarray(ref), poses[1:1 + n], converged.replace(seed=sample.seed + i),
+                                       width=w, height=h, progress=False)
                 agree = {"agreement": frame_metrics(pred["model"], to_uint8(ref_out))}
             if opts.baselines:
                 pred["copy"] = copy_reference(ref, n)

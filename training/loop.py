@@ -181,11 +181,7 @@ class Trainer:
         self.init_fingerprint = fingerprint(self.models)
         cfg = self.models.config
         self.schedule = NoiseSchedule(cfg.scheduler, self.device)
-        self.model = TrainModel(self.models, opts.stage)
-        if opts.grad_checkpointing:
-            grad_ckpt.enable(self.model.denoising_unet)
-            if opts.stage == 1:
-                grad_ckpt.enable(self.model.reference_unet, reference=True)
+        self.model = self.build_model()
         self.params = self.model.trainable()
         if self.world > 1:
             # Stage 1: a step whose samples are all unconditional never runs the ReferenceNet.
@@ -201,6 +197,36 @@ class Trainer:
         self.step = 0
         self.resume_changes: dict = {}
         self._videos: VideoSet | None = None
+
+    # -------------------------------------------------------------- hooks (training/distill.py overrides them)
+    # Options a resume must share with the state it continues.
+    RESUME_KEYS = ("stage", "init", "preset", "seed", "frames", "size")
+
+    def build_model(self) -> TrainModel:
+        """What trains (and what DDP wraps), built on self.models."""
+        model = TrainModel(self.models, self.opts.stage)
+        if self.opts.grad_checkpointing:
+            grad_ckpt.enable(model.denoising_unet)
+            if self.opts.stage == 1:
+                grad_ckpt.enable(model.reference_unet, reference=True)
+        return model
+
+    def sample_timesteps(self, b: int, gen: torch.Generator) -> torch.Tensor:
+        """(b,) long training timesteps, uniform over the schedule's."""
+        return torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen)
+
+    def export_models(self) -> Models:
+        """The Models the exported checkpoint holds."""
+        return self.model.export(self.models)
+
+    def provenance(self) -> dict:
+        return {"trained_by": "aa-trt train", "stage": self.opts.stage, "step": self.step,
+                "options": dataclasses.asdict(self.opts), "world_size": self.world}
+
+    def autocast(self):
+        o = self.opts
+        return (torch.autocast("cuda", dtype=torch.bfloat16 if o.precision == "bf16" else torch.float16)
+                if o.precision != "no" else nullcontext())
 
     # -------------------------------------------------------------- data
     @property
@@ -220,7 +246,7 @@ class Trainer:
                     self.device, gen)
         b = lb.latents.shape[0]
         noise = offset_noise(tuple(lb.latents.shape), o.noise_offset, gen).to(self.device)
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen).to(self.device)
+        t = self.sample_timesteps(b, gen).to(self.device)
         use_ref = torch.from_numpy(rng.random(b) >= o.uncond_ratio).to(self.device)
         return StepInputs(lb, noise, t, use_ref)
 
@@ -232,9 +258,7 @@ class Trainer:
         rows = lambda x: x.transpose(1, 2).reshape(b * f, c, h, w)  # noqa: E731  (B,C,F,h,w) -> (B*F,C,h,w)
         noisy = rows(self.schedule.add_noise(x0, inp.noise, inp.timesteps))
         target = rows(self.schedule.target(x0, inp.noise, inp.timesteps))
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16 if self.opts.precision == "bf16" else torch.float16)
-               if self.opts.precision != "no" else nullcontext())
-        with amp:
+        with self.autocast():
             b_ = inp.batch
             pred = self.ddp(noisy, inp.timesteps, b_.ref_latent, b_.clip, b_.pose, inp.use_ref)
         weight = min_snr_weight(self.schedule.snr(inp.timesteps), self.opts.snr_gamma,
@@ -302,7 +326,7 @@ class Trainer:
         if state.get("version") != STATE_VERSION:
             raise InputError(f"{path}: training state version {state.get('version')} is not {STATE_VERSION}")
         old = state["options"]
-        for key in ("stage", "init", "preset", "seed", "frames", "size"):
+        for key in self.RESUME_KEYS:
             if old.get(key) != getattr(self.opts, key):
                 raise InputError(f"{path}: was trained with --{key.replace('_', '-')} {old.get(key)}, "
                                  f"not {getattr(self.opts, key)}; use another --out to start afresh")
@@ -336,10 +360,7 @@ class Trainer:
         """Rank 0 writes out/model.safetensors (or `path`): every component, this stage's weights
         in place."""
         if self.rank == 0:
-            models = self.model.export(self.models)
-            prov = {"trained_by": "aa-trt train", "stage": self.opts.stage, "step": self.step,
-                    "options": dataclasses.asdict(self.opts), "world_size": self.world}
-            path = save_models(path or self.out / MODEL_FILE, models, provenance=prov)
+            path = save_models(path or self.out / MODEL_FILE, self.export_models(), provenance=self.provenance())
         if self.world > 1:
             dist.barrier()
         return path
@@ -393,8 +414,9 @@ class Trainer:
         return self.export()
 
 
-def train(opts: TrainOptions, progress: bool = True) -> Path | None:
-    """Train (under torchrun: one process of it) and export; rank 0 returns the checkpoint path."""
+def train(opts: TrainOptions, progress: bool = True, trainer: type[Trainer] = Trainer) -> Path | None:
+    """Train (under torchrun: one process of it) and export; rank 0 returns the checkpoint path.
+    `trainer`: the Trainer class for these options (training.distill.DistillTrainer for its own)."""
     from aa_trt import attention
 
     # Training hands reference attention one K/V row per frame row (each sample has its own
@@ -405,6 +427,6 @@ def train(opts: TrainOptions, progress: bool = True) -> Path | None:
     # The process group of every torchrun job (aa_trt.dist): gloo on CPU, NCCL on CUDA.
     started = D.init_process_group(str(_device(opts.device, int(os.environ.get("LOCAL_RANK", 0)))))
     try:
-        return Trainer(opts).run(progress)
+        return trainer(opts).run(progress)
     finally:
         D.shutdown(started)

@@ -3,7 +3,8 @@
 Stage 1 (image level, Animate Anyone §3.3): the denoising UNet *without* motion modules (built with
 motion=None, as Moore's stage 1 uses a 2D UNet), the ReferenceNet and the PoseGuider are trained on
 single frames. Stage 2: only the motion modules are trained, on N-frame clips; everything else is
-frozen. The forward is the inference path: the ReferenceNet's banks (`UNet.reference_bank`) are
+frozen. Distill (training/distill.py): the whole denoising UNet, motion modules included; the
+ReferenceNet and PoseGuider stay frozen. The forward is the inference path: the ReferenceNet's banks (`UNet.reference_bank`) are
 projected by the denoising UNet's own attn1.to_k/to_v (`project_banks`) and read through
 `ReferenceState`, so gradients reach the ReferenceNet through the K/V projection exactly as the
 cache is used at inference. Unconditional rows skip reference attention and get a zero CLIP context.
@@ -18,7 +19,9 @@ from aa_trt.models import UNet
 from aa_trt.models.layers import ReferenceState
 from aa_trt.models.reference_kv import project_banks
 
-STAGES = (1, 2)
+# "distill" (training/distill.py): the whole denoising UNet, motion modules included, learns from
+# a frozen copy of itself; the ReferenceNet and PoseGuider are shared with that teacher and frozen.
+STAGES = (1, 2, "distill")
 
 
 def is_motion_key(name: str) -> bool:
@@ -59,7 +62,7 @@ class TrainModel(nn.Module):
     def __init__(self, models: Models, stage: int):
         super().__init__()
         if stage not in STAGES:
-            raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+            raise ValueError(f"stage must be 1, 2 or 'distill', not {stage!r}")
         self.stage = stage
         self.config = models.config
         if stage == 1:
@@ -87,6 +90,8 @@ class TrainModel(nn.Module):
             used = bank_parameters(self.reference_unet)
             for n, p in self.reference_unet.named_parameters():
                 p.requires_grad_(n in used)
+        elif self.stage == "distill":
+            self.denoising_unet.requires_grad_(True)
         else:
             for m in self.denoising_unet.motion_modules():
                 m.requires_grad_(True)
@@ -95,18 +100,29 @@ class TrainModel(nn.Module):
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def reference_kv(self, ref_latent: torch.Tensor, context: torch.Tensor, frames: int) -> list:
-        """ref_latent (n, c, h, w), context (n, 1, D) -> per transformer block (k, v), each
-        (1, m, c) for n = 1 (shared by all rows), else (n*frames, m, c) (one per cond row)."""
+    def reference_banks(self, ref_latent: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """ref_latent (n, c, h, w), context (n, 1, D) -> the ReferenceNet's banks, (n, m_i, c_i)
+        per transformer block; with a graph only in stage 1 (the one stage that trains it)."""
         with torch.set_grad_enabled(self.stage == 1 and torch.is_grad_enabled()):
-            banks = self.reference_unet.reference_bank(ref_latent, 0, context)
-            # Training keeps the banks in the compute dtype: Moore's fp16 cast is an inference quirk.
-            pairs = project_banks(self.denoising_unet, banks, "float32").pairs
+            return self.reference_unet.reference_bank(ref_latent, 0, context)
+
+    def reference_kv(self, ref_latent: torch.Tensor, context: torch.Tensor, frames: int,
+                     banks: list[torch.Tensor] | None = None) -> list:
+        """ref_latent (n, c, h, w), context (n, 1, D) -> per transformer block (k, v), each
+        (1, m, c) for n = 1 (shared by all rows), else (n*frames, m, c) (one per cond row).
+        `banks`: reference_banks of the same inputs, computed once for several forwards."""
+        if banks is None:
+            banks = self.reference_banks(ref_latent, context)
+        # Projected by this UNet's own to_k/to_v (with a graph where they train: stages 1 and
+        # distill). Training keeps the banks in the compute dtype: Moore's fp16 cast is an inference quirk.
+        pairs = project_banks(self.denoising_unet, banks, "float32").pairs
         if ref_latent.shape[0] == 1:
             return pairs
         return [(k.repeat_interleave(frames, 0), v.repeat_interleave(frames, 0)) for k, v in pairs]
 
-    def forward(self, noisy, timesteps, ref_latent, clip, pose, use_ref):
+    def forward(self, noisy, timesteps, ref_latent, clip, pose, use_ref, banks=None):
+        """`banks`: optionally, reference_banks of the conditional samples in the order this
+        forward puts them (cond samples first, stable), e.g. shared by a teacher and a student."""
         b = timesteps.shape[0]
         frames = noisy.shape[0] // b
         # Conditional samples first: reference attention then runs over one contiguous block of
@@ -118,7 +134,7 @@ class TrainModel(nn.Module):
         ctx = torch.where(use_ref[order][:, None], clip, torch.zeros_like(clip))[:, None]  # (B, 1, D)
         state = None
         if n_cond:
-            kv = self.reference_kv(ref_latent[order[:n_cond]], ctx[:n_cond], frames)
+            kv = self.reference_kv(ref_latent[order[:n_cond]], ctx[:n_cond], frames, banks)
             state = ReferenceState(kv=kv, runs=ReferenceState.row_runs([True] * n_cond + [False] * (b - n_cond),
                                                                        frames))
         pred = self.denoising_unet(noisy[rows], timesteps[order], ctx, frames=frames,
