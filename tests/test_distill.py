@@ -269,3 +269,31 @@ def test_cli_stage_names(capsys, tmp_path, files):
     err = _refused(capsys, "train", "--stage", "distill", "--init", str(tmp_path / "none.safetensors"),
                    "--data", str(files["data"]), "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet")
     assert len(err.splitlines()) == 1 and "none.safetensors: no such checkpoint file" in err
+
+
+def test_eval_scores_a_student_against_its_teachers_converged_render(files, tmp_path, capsys):
+    """`aa-trt eval --agreement-ckpt`: the reference is rendered by that checkpoint, at its declared
+    guidance; a model against itself at its own steps agrees exactly, another model does not."""
+    student = tmp_path / "student.safetensors"
+    tr = DistillTrainer(_opts(files, tmp_path / "run", steps=2, lr=1e-3))
+    tr.run(progress=False)
+    tr.export(student)
+
+    def ev(ckpt, *flags):
+        out = tmp_path / "eval.json"
+        assert cli(["eval", "--ckpt", str(ckpt), "--data", str(files["data"]), "--frames", "2", "--splits",
+                    "test_motions", "--videos", "1", "--no-baselines", "--quiet", "--dtype", "fp32", "-o", str(out),
+                    *flags]) == 0
+        return json.loads(out.read_text())
+
+    same = ev(files["teacher"], "--steps", "4", "--agreement-steps", "4", "--agreement-ckpt", str(files["teacher"]),
+              "--agreement-guidance", "1.0", "--guidance", "1.0")
+    assert same["splits"]["test_motions"]["mean"]["agreement"]["psnr"] == 100.0
+    assert same["agreement"] == {"sampler": "ddim", "steps": 4, "ckpt": str(files["teacher"]), "guidance": 1.0}
+    other = ev(student, "--agreement-steps", "4", "--agreement-ckpt", str(files["teacher"]),
+               "--agreement-guidance", "1.0")
+    assert other["steps"] == 4 and other["guidance"] == 1.0  # the student's declared ones
+    assert other["splits"]["test_motions"]["mean"]["agreement"]["psnr"] < 100.0
+    capsys.readouterr()
+    assert cli(["eval", "--ckpt", str(student), "--data", str(files["data"]), "--agreement-ckpt", str(student)]) == 2
+    assert capsys.readouterr().err.strip() == (f"aa-trt: error: --agreement-ckpt {student}: needs --agreement-steps")
