@@ -1,0 +1,18 @@
+#!/bin/bash
+# The distilled student of docs/samplers.md ("A distilled student"), as run: 2 shared vCPUs, torch
+# 2.13 cpu, one thread (OMP_NUM_THREADS=1), from the repository root. Not shipped.
+set -e
+export OMP_NUM_THREADS=1
+python -m aa_trt data synth --out /tmp/dst/synth128 --videos 40 --size 128 --frames 24 --format npz --seed 0
+# 1000 steps x 1 clip of 8 frames, 18.6 min wall.
+python -m aa_trt train --stage distill --init aa_trt/assets/default.safetensors --data /tmp/dst/synth128 \
+    --out /tmp/dst/run20 --student-steps 10 --frames 8 --batch 1 --steps 1000 --lr 2e-5 --warmup 20 \
+    --lr-decay cosine --save-every 100 --log-every 20 --seed 0 --device cpu
+# Held-out (first video of each test split, frames 1-12, seed 0, fp32), against the teacher's DDIM-100.
+S=/tmp/dst/run20/model.safetensors T=aa_trt/assets/default.safetensors D=/tmp/dst/synth128
+common="--data $D --videos 1 --frames 12 --dtype fp32 --no-baselines --agreement-steps 100 --quiet"
+python -m aa_trt eval --ckpt $S --agreement-ckpt $T $common -o eval_student10.json   # its declared 10 steps
+python -m aa_trt eval --ckpt $T --steps 10 $common -o eval_teacher10.json
+python -m aa_trt eval --ckpt $T --steps 20 $common -o eval_teacher20.json
+# The bundled example (24 frames, poses from run's own pose stage).
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py $S example.jsonl
