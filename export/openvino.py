@@ -72,9 +72,11 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
     out_dir = Path(out_dir)
     version = ovb.openvino_version()
     weights = "f16" if precision == "bf16" else "f32"  # see OvGraph.compile
-    same = bool(old) and (old.get("version"), old.get("precision"), old.get("weights")) == (version, precision, weights)
+    keep = ovb.KEEP_F32 if precision == "bf16" else None  # see OvGraph.compile
+    same = bool(old) and (old.get("version"), old.get("precision"), old.get("weights"), old.get("keep_f32")) \
+        == (version, precision, weights, keep)
     prev_graphs = (old or {}).get("graphs", {}) if same else {}
-    part = {"version": version, "precision": precision, "reason": why, "weights": weights,
+    part = {"version": version, "precision": precision, "reason": why, "weights": weights, "keep_f32": keep,
             "capabilities": list(ovb.cpu_capabilities()), "tolerance": tolerance(precision), "graphs": {}}
     for name, entry in manifest["graphs"].items():
         spec = specs[name]

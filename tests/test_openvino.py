@@ -259,3 +259,44 @@ def test_cli_build_backend(ckpt, tmp_path, capsys):
     assert err.endswith("--precision bf16: applies to the OpenVINO backend, not to onnxruntime"), err
     assert main([*common, "--backend", "openvino", "--tensorrt", "on"]) == 2
     assert "--tensorrt on: contradicts --backend 'openvino'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not BF16_HERE, reason="needs a CPU that OpenVINO lists BF16 on")
+def test_timestep_embedding_kept_f32(builds, specs):
+    """A bf16 compile keeps the nodes computed from the timestep alone (sinusoidal embedding and
+    time MLP) in f32: found in the graph, f32 in the compiled model, and at t = 999 (where bf16
+    rounds t to a multiple of 4) no worse than without the mark; an older build is refused."""
+    import openvino as ov
+    import torch
+
+    d, m = builds["bf16"]
+    assert m["openvino"]["keep_f32"] == ovb.KEEP_F32
+    core = ov.Core()
+    plain = core.read_model(str(d / "unet_uncond.onnx"))
+    names = ovb.timestep_nodes(plain)
+    kinds = {n.get_type_name() for n in plain.get_ordered_ops() if n.get_friendly_name() in names}
+    assert {"Sin", "Cos", "MatMul"} <= kinds
+    spec = specs["unet_uncond"]
+    io_names = (tuple(spec.input_names), tuple(spec.output_names))
+    marked = ovb.OvGraph.load(d / m["openvino"]["graphs"]["unet_uncond"]["file"], io_names, "bf16", 1)
+    kept = {}  # compiled node kind -> its precisions, for nodes made of marked layers only
+    for n in marked.compiled.get_runtime_model().get_ordered_ops():
+        rt = n.get_rt_info()
+        layers = {x for x in rt["originalLayersNames"].astype(str).split(",") if x}
+        if layers and layers <= names:
+            kept.setdefault(rt["layerType"].astype(str), set()).add(rt["runtimePrecision"].astype(str))
+    # The argument t * f and its sin/cos run in f32 (what bf16 broke). The time MLP's matmuls, on
+    # f16-stored weights, are still compiled for bf16 by the plugin: on a well-scaled embedding
+    # that is ordinary bf16 rounding.
+    assert kept.get("Math") == {"f32"} and "f32" in kept.get("Eltwise", set()), kept
+    cfg = ovb.compile_config("bf16", 1)
+    unmarked = ovb.OvGraph(core.compile_model(plain, "CPU", cfg), io_names, "plain")
+    inputs = spec.sample_inputs("opt", 5)
+    inputs["timestep"] = torch.tensor([999.0])
+    ref = ov_build.run_torch(spec, inputs)["prediction"]
+    err = lambda g: float(np.linalg.norm(g(**inputs)["prediction"].numpy() - ref) / np.linalg.norm(ref))
+    assert err(marked) <= err(unmarked) * 1.05
+    copy = _edited(builds, d.parent / "k", lambda mm: mm["openvino"].update(precision="bf16", keep_f32=None))
+    with pytest.raises(InputError, match="compiled by an older aa-trt") as e:
+        ovb.OvAnimator.from_dir(copy)
+    _one_line(e)

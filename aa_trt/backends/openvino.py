@@ -82,6 +82,75 @@ def blob_name(graph: str, precision: str) -> str:
     return f"{graph}.openvino-{precision}.blob"
 
 
+# Which nodes a bf16 compile keeps in f32 (recorded in the build's manifest: a build made under
+# another rule is recompiled).
+KEEP_F32 = "timestep"
+
+
+def timestep_nodes(model) -> set[str]:
+    """Friendly names of the nodes computed from the `timestep` input alone (with constants and
+    shapes): the sinusoidal embedding and the time MLP.
+
+    Why they must stay f32: the CPU plugin runs every node of a bf16 compile in bf16 except the
+    graph's tail, and bf16 holds 8 significant bits, so t = 999 is rounded to a multiple of 4 and
+    sin(t * f) at the high frequencies comes out as noise. Measured on the half-width sd15 UNet
+    step (16 rows, 32x32, relative L2 to torch fp32): 5.0% at t = 999, 1.8% at t = 500 in plain
+    bf16; 1.9% and 1.1% with these nodes in f32, torch's own bf16 (which computes the embedding
+    in f32) 1.9% and 1.1%. They are vectors of one row: keeping them f32 costs nothing measurable.
+    (With f16-stored weights the plugin still runs the time MLP's matmuls in bf16; the argument
+    t * f and its sin/cos, what bf16 broke, run in f32: tests/test_openvino.py.)"""
+    dep: dict[str, bool | None] = {}  # True: depends on the timestep; None: constant/shape only
+    out = set()
+    for n in model.get_ordered_ops():
+        name, kind = n.get_friendly_name(), n.get_type_name()
+        if kind == "Parameter":
+            dep[name] = "timestep" in n.output(0).get_names()
+            continue
+        if kind in ("Constant", "ShapeOf"):
+            dep[name] = None
+            continue
+        ins = [dep.get(i.get_source_output().get_node().get_friendly_name(), False) for i in n.inputs()]
+        if all(x is None for x in ins):
+            dep[name] = None
+        elif all(x is not False for x in ins):
+            dep[name] = True
+            out.add(name)
+        else:
+            dep[name] = False
+    return out
+
+
+def keep_timestep_f32(core, model):
+    """The model with its timestep-only nodes (`timestep_nodes`) marked to keep f32 under a bf16
+    compile. The mark is OpenVINO's DisablePrecisionConversion runtime attribute (what
+    `ov::disable_fp16_compression` sets in C++; the CPU plugin keeps a node so marked in its
+    original precision under any inference precision). Python cannot build that attribute, so it
+    is written into the IR and the IR read back."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    names = timestep_nodes(model)
+    if not names:
+        return model
+    ov = import_openvino()
+    with tempfile.TemporaryDirectory(prefix="aa-trt-ov-") as d:
+        xml = Path(d) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        tree = ET.parse(xml)
+        for layer in tree.getroot().iter("layer"):
+            if layer.get("name") in names:
+                rt = layer.find("rt_info")
+                if rt is None:
+                    rt = ET.SubElement(layer, "rt_info")
+                ET.SubElement(rt, "attribute", name="DisablePrecisionConversion", version="0",
+                              value="dynamic:f16")
+        tree.write(xml)
+        # Read into memory, not mapped: the folder goes before the model is compiled.
+        reader = ov.Core()
+        reader.set_property({"ENABLE_MMAP": False})
+        return reader.read_model(str(xml))
+
+
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
@@ -116,6 +185,8 @@ class OvGraph:
         ov = import_openvino()
         core = ov.Core()
         model = core.read_model(str(onnx_path))
+        if precision == "bf16":  # KEEP_F32
+            model = keep_timestep_f32(core, model)
         if f16_weights:
             from openvino._offline_transformations import compress_model_transformation
 
@@ -163,6 +234,10 @@ def check_build(engine_dir, manifest: dict, precision: str, why: str) -> dict:
     if ov_part.get("precision") != precision:
         raise InputError(f"{engine_dir}: compiled for {ov_part.get('precision')}, this run wants "
                          f"{precision} ({why}); {rebuild}")
+    keep = KEEP_F32 if precision == "bf16" else None
+    if ov_part.get("keep_f32") != keep:
+        raise InputError(f"{engine_dir}: compiled by an older aa-trt (its bf16 graphs compute the "
+                         f"timestep embedding in bf16); {rebuild}")
     for g in GRAPHS:
         entry, graph = ov_part["graphs"].get(g), manifest["graphs"][g]
         if entry is None:
