@@ -31,6 +31,10 @@ OUTPUTS = {"clip": ("image_embeds",), "vae_encoder": ("latent",), "vae_decoder":
            "pose_guider": ("features",), "reference_kv": (), "unet_cond": ("prediction",),
            "unet_uncond": ("prediction",)}
 KV_INPUTS, KV_OUTPUTS = ("unet_cond",), ("reference_kv",)
+# In every graph's key (describe): bumped when the exported computation changes for the same
+# weights and names, so that older graphs are exported again. 2: the UNet's timestep embedding
+# takes sin/cos before any reshape of the timestep (models.layers.timestep_embedding).
+GRAPH_REVISION = 2
 
 
 def kv_name(kind: str, block: int) -> str:
@@ -151,6 +155,7 @@ class GraphSpec:
             "profile": {k: [list(s) for s in v] for k, v in self.profile().items()},
             "tolerance": self.tolerance,
             "notes": self.notes,
+            "revision": GRAPH_REVISION,
         }
 
 

@@ -43,3 +43,18 @@ def test_sd15_widths_unet_matches_diffusers():
         b = ref(x, 321, ctx).sample
     scale = b.abs().max().item()
     assert max_abs(a, b) < 1e-4 * max(1.0, scale), (max_abs(a, b), scale)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+@pytest.mark.parametrize("dim,shift", [(320, 0.0), (321, 1.0)])
+def test_timestep_embedding_equals_diffusers(flip, dim, shift):
+    # Bit-equal, not close: the embedding is written as one concatenation in its final order
+    # (no swap, for OpenVINO's sake) and must still be diffusers' get_timestep_embedding exactly.
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from aa_trt.models.layers import timestep_embedding
+
+    t = torch.cat([torch.tensor([999.0, 0.0]), torch.rand(6) * 1000])
+    assert torch.equal(timestep_embedding(t, dim, flip, shift), get_timestep_embedding(t, dim, flip, shift))
+    for one in (t[:1], t[-1:]):  # one timestep: the exported graphs' path (product before reshape)
+        assert torch.equal(timestep_embedding(one, dim, flip, shift), get_timestep_embedding(one, dim, flip, shift))

@@ -19,17 +19,24 @@ from aa_trt import attention as attn_math
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
                        freq_shift: float = 0.0, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding of diffusers' `get_timestep_embedding`.  t (b,) -> (b, dim) fp32."""
+    """Sinusoidal embedding of diffusers' `get_timestep_embedding` (bit-equal).  t (b,) -> (b, dim) fp32.
+
+    Written for the exported graphs' sake, with the same values: with one timestep (the graphs'
+    `timestep` is (1,)) the product t * f and its sin/cos come before any reshape of t, and the
+    halves are concatenated once in their final order (not concatenated and swapped). OpenVINO's
+    CPU plugin runs a bf16 compile's shape ops (Unsqueeze, the swap's split) in bf16 even where
+    the arithmetic around them is held in f32 (backends/openvino.keep_timestep_f32), and t = 999
+    rounded to bf16 is 1000: sin(t * f) at the high frequencies becomes noise."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    exponent = exponent / (half - freq_shift)
-    emb = t[:, None].float() * torch.exp(exponent)[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    one = t.ndim == 1 and t.shape[0] == 1
+    arg = t.float() * freqs if one else t[:, None].float() * freqs[None, :]  # (half,) or (b, half)
+    sin, cos = torch.sin(arg), torch.cos(arg)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
-    return emb
+    return emb[None] if one else emb
 
 
 class TimestepEmbedding(nn.Module):

@@ -173,9 +173,9 @@ class UNet(nn.Module):
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
-        t = t.expand(batch)
+        # The embedding of t, then its rows to the batch (t has one entry or `batch` of them).
         emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                 self.cfg.freq_shift).to(dtype)
+                                 self.cfg.freq_shift).expand(batch, -1).to(dtype)
         emb = self.time_embedding(emb)  # (b, temb)
         return emb.repeat_interleave(frames, dim=0) if frames > 1 else emb
 
