@@ -57,7 +57,7 @@ class PageSettings:
     empty field). `options()` turns them into RunOptions keywords: an empty field is the run's
     default, so the library checks every value and names the bad one."""
 
-    steps: float | None = 20
+    steps: float | None = None      # None (an empty field): the checkpoint's (a distilled student's fewer)
     guidance: float | None = None   # None (an empty field): the checkpoint's
     sampler: str = "ddim"
     random_seed: bool = True
@@ -83,7 +83,7 @@ class PageSettings:
                 return int(v)
             return v
 
-        kw = {"steps": whole("steps", self.steps, 20), "sampler": self.sampler,
+        kw = {"steps": whole("steps", self.steps), "sampler": self.sampler,
               "context_frames": whole("context_frames", self.context_frames, 24),
               "context_overlap": whole("context_overlap", self.context_overlap, 4),
               "context_schedule": self.context_schedule,
@@ -284,7 +284,8 @@ def build(app: PageApp):
                                     visible=examples_available())
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
-                        steps = gr.Number(label="steps", value=20, precision=0, minimum=1, elem_id="aa-steps")
+                        steps = gr.Number(label=f"steps (the model's: {app.config.steps})", value=app.config.steps,
+                                          precision=0, minimum=1, elem_id="aa-steps")
                         guidance = gr.Number(label=f"guidance (the model's: {app.config.guidance:g})",
                                              value=app.config.guidance, minimum=0, elem_id="aa-guidance")
                         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", elem_id="aa-sampler")

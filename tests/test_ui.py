@@ -40,7 +40,7 @@ def test_settings_map_onto_run_options():
     from aa_trt.ui import PageSettings
 
     kw = PageSettings().options()
-    assert kw["steps"] == 20 and kw["seed"] is None and kw["width"] is None and kw["frames"] is None
+    assert kw["steps"] is None and kw["seed"] is None and kw["width"] is None and kw["frames"] is None
     assert "guidance" not in kw  # empty: the checkpoint's own
     kw = PageSettings(steps=3.0, random_seed=False, seed=11.0, width=0, height=136.0, frames=0,
                       guidance=2.5, align=False, dtype="fp32", context_schedule="sliding").options()
