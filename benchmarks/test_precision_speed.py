@@ -92,3 +92,51 @@ def test_whole_pipeline_fp32_and_auto(benchmark, animators, rounds, record):
            s["ours_median_s"], "s", baseline=s["baseline_median_s"], ratio=s["speedup_per_round"],
            ratio_of=PER_ROUND, details=details)
     record(f"frames of --dtype auto ({auto.name}) against fp32's, PSNR ({label})", psnr, "dB")
+
+
+@pytest.fixture(scope="module")
+def openvino_animator(animators, tmp_path_factory):
+    """The same fp32 models saved as a checkpoint and built with `--backend openvino` at this
+    benchmark's shapes (bf16 where the CPU lists BF16, else f32): ~5 min of export, check and
+    compile on 2 cores, outside the timed rounds."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'aa-trt[export]')")
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'aa-trt[openvino]')")
+    from aa_trt.backends.openvino import OvAnimator
+    from aa_trt.checkpoint import save_models
+    from aa_trt.export.build import build
+    from aa_trt.export.graphs import BuildShapes
+
+    fp32 = animators[0]
+    root = tmp_path_factory.mktemp("openvino")
+    ckpt = save_models(root / "sd15-half.safetensors", fp32.models)
+    shapes = BuildShapes(height=SIZE["height"], width=SIZE["width"], frames=SIZE["frames"])
+    build(ckpt, root / "engine", shapes, backend="openvino", log=lambda s: None)
+    return OvAnimator.from_dir(root / "engine", ckpt, threads=torch.get_num_threads())
+
+
+@pytest.mark.benchmark(group="pipeline-sd15-half-cpu")
+def test_whole_pipeline_openvino(benchmark, animators, openvino_animator, rounds, record):
+    """`run --engine DIR` on CPU: the same pipeline on the OpenVINO graphs, against the Moore-style
+    fp32 pipeline in the same rounds; its frames against aa-trt fp32's (PSNR)."""
+    fp32, ov = animators[0], openvino_animator
+    ref, poses, latents = video_inputs(SIZE["frames"], SIZE["height"], SIZE["width"])
+    ours_ov, ours_fp32 = _ours(ov, ref, poses, latents), _ours(fp32, ref, poses, latents)
+    frames = {"fp32": ours_fp32(), "openvino": ours_ov()}  # also the engine's warm-up call
+
+    def moore():
+        moore_animate(fp32, ref, poses, latents, steps=SIZE["steps"], guidance=SIZE["guidance"])
+
+    t = compare(benchmark, ours_ov, moore, rounds, warmup=0)
+    diff = torch.as_tensor(frames["openvino"] - frames["fp32"]).double()
+    psnr = 10 * torch.log10(1 / (diff ** 2).mean()).item()
+    s = t.summary()
+    label = ("sd15 half widths, {width}x{height}, {frames} frames, {steps} steps, CFG {guidance}, "
+             "CPU, {threads} threads").format(**SIZE, threads=torch.get_num_threads())
+    details = dict(s, backend=ov.backend_name, backend_reason=ov.backend_reason,
+                   psnr_openvino_vs_fp32_db=psnr)
+    benchmark.extra_info.update(details)
+    record(f"whole pipeline, aa-trt on the OpenVINO engine = {ov.backend_name} ({ov.backend_reason}) "
+           f"({label})", s["ours_median_s"], "s", baseline=s["baseline_median_s"],
+           ratio=s["speedup_per_round"], ratio_of=PER_ROUND, details=details)
+    record(f"frames of the OpenVINO engine ({ov.backend_name}) against aa-trt fp32's, PSNR ({label})",
+           psnr, "dB")
