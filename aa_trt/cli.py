@@ -162,7 +162,8 @@ def _eval(args) -> int:
                        agreement_ckpt=str(args.agreement_ckpt) if args.agreement_ckpt else None,
                        agreement_guidance=args.agreement_guidance,
                        device=args.device, dtype=args.dtype, baselines=args.baselines,
-                       ceiling=args.ceiling, model=args.model)
+                       ceiling=args.ceiling, model=args.model,
+                       engine=str(args.engine) if args.engine else None)
     result = evaluate(opts, progress=not args.quiet)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="auto", metavar="auto|fp32|fp16|bf16",
                    help="compute precision (default auto, as `run`; fp32 for Moore-exact numbers)")
+    e.add_argument("--engine", type=Path, default=None, metavar="DIR",
+                   help="run the model on this `aa-trt build` folder (as `run --engine`: OpenVINO on CPU "
+                        "where installed, else onnxruntime) instead of torch; --dtype is then unused")
     e.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model only")
     e.add_argument("--no-model", dest="model", action="store_false",
                    help="score the baselines (and --ceiling) only, without sampling the model")

@@ -109,3 +109,25 @@ def test_eval_ceiling_without_the_model(synth_data, tmp_path):
     assert set(mean) == {"copy", "skeleton_warp", "vae_ceiling"}
     # A random tiny VAE reconstructs nothing: far below copying the reference.
     assert mean["vae_ceiling"]["psnr"] < mean["copy"]["psnr"]
+
+
+def test_eval_on_an_engine_scores_what_torch_scores(synth_data, tmp_path):
+    """`eval --engine DIR` runs the model on the build's graphs (here onnxruntime, fp32: the same
+    computation within ~1e-5) and records the backend; its scores equal torch fp32's to 1e-3."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'aa-trt[export]')")
+    from aa_trt.export.build import build
+    from aa_trt.export.graphs import BuildShapes
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.safetensors", 3)
+    build(ckpt, tmp_path / "eng", BuildShapes(height=64, width=64, frames=4, decode_chunk=4, pose_chunk=4),
+          backend="onnxruntime", log=lambda s: None)
+    common = ["--ckpt", str(ckpt), "--data", str(synth_data), "--frames", "3", "--steps", "2",
+              "--splits", "test_motions", "--no-baselines", "--quiet"]
+    assert main(["eval", *common, "--dtype", "fp32", "-o", str(tmp_path / "torch.json")]) == 0
+    assert main(["eval", *common, "--engine", str(tmp_path / "eng"), "-o", str(tmp_path / "eng.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("torch.json", "eng.json"))
+    assert b["precision"] == "onnxruntime" and b["engine"] == str(tmp_path / "eng")
+    for m in ("ssim", "psnr", "l1"):
+        x, y = (r["splits"]["test_motions"]["mean"]["model"][m] for r in (a, b))
+        assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (m, x, y)
+    assert main(["eval", *common, "--engine", str(tmp_path / "eng"), "--ceiling"]) == 2

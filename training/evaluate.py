@@ -38,6 +38,10 @@ class EvalOptions:
     sample: SampleOptions = SampleOptions(seed=0)
     device: str = "cpu"
     dtype: str = "auto"           # aa_trt.precision.choose
+    # A build folder of `aa-trt build` for this checkpoint: the model runs on its graphs (the
+    # backend `run --engine` would pick: OpenVINO on CPU where installed, else onnxruntime) instead
+    # of torch; `dtype` is then unused and the result records the backend.
+    engine: str | None = None
     baselines: bool = True
     # Also score the VAE's reconstruction of the true frames: what a perfect denoiser would reach
     # through this VAE (the ceiling of any model built on it).
@@ -87,11 +91,20 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
         raise OptionError("agreement_guidance", opts.agreement_guidance,
                           "needs `agreement_ckpt` (otherwise the reference uses the model's own guidance)")
     precision = choose(opts.dtype, opts.device)
-    animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=precision.torch_dtype())
+    if opts.engine is not None:
+        from aa_trt.backends import animator_from_dir
+
+        if opts.ceiling:
+            raise OptionError("ceiling", True, "is scored with torch's VAE; leave it off with `engine`")
+        animator = animator_from_dir(opts.engine, opts.ckpt)
+        run_precision = {"precision": animator.backend_name, "precision_reason": animator.backend_reason,
+                         "engine": str(opts.engine)}
+    else:
+        animator = Animator.from_pretrained(opts.ckpt, device=opts.device, dtype=precision.torch_dtype())
+        run_precision = {"precision": precision.name, "precision_reason": precision.reason}
     sample = animator.sample_options(opts.sample)
     result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": sample.steps,
-              "guidance": sample.guidance, "seed": sample.seed, "precision": precision.name,
-              "precision_reason": precision.reason, **opts.extra, "splits": {}}
+              "guidance": sample.guidance, "seed": sample.seed, **run_precision, **opts.extra, "splits": {}}
     if sample.sampler != "ddim":
         result["sampler"] = sample.sampler
     if sample.guidance_interval is not None:
