@@ -16,3 +16,16 @@ python -m aa_trt eval --ckpt $T --steps 10 $common -o eval_teacher10.json
 python -m aa_trt eval --ckpt $T --steps 20 $common -o eval_teacher20.json
 # The bundled example (24 frames, poses from run's own pose stage).
 THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py $S example.jsonl
+
+# Session 13: the student learns the teacher's DDIM-100 directly (10 teacher steps per student
+# step), 1000 steps (55 min on one thread beside other jobs), then resumed to 2000 (the cosine
+# decay moves with --steps). Evaluated after each, as above.
+python -m aa_trt train --stage distill --init aa_trt/assets/default.safetensors --data /tmp/dst/synth128 \
+    --out /tmp/dst/run100 --student-steps 10 --teacher-steps 100 --frames 8 --batch 1 --steps 1000 --lr 2e-5 --warmup 20 \
+    --lr-decay cosine --save-every 100 --log-every 20 --seed 0 --device cpu
+python -m aa_trt train --stage distill --init aa_trt/assets/default.safetensors --data /tmp/dst/synth128 \
+    --out /tmp/dst/run100 --student-steps 10 --teacher-steps 100 --frames 8 --batch 1 --steps 2000 --lr 2e-5 --warmup 20 \
+    --lr-decay cosine --save-every 100 --log-every 20 --seed 0 --device cpu --resume
+S=/tmp/dst/run100/model.safetensors
+python -m aa_trt eval --ckpt $S --agreement-ckpt $T $common -o eval_student100to10_2000steps.json
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py $S example_100to10.jsonl
