@@ -51,6 +51,17 @@ def animators():
     return fp32, fast, auto
 
 
+def _psnr(frames, reference) -> float:
+    """PSNR (dB) of frames in [0, 1] against reference frames."""
+    diff = torch.as_tensor(frames - reference).double()
+    return 10 * torch.log10(1 / (diff ** 2).mean()).item()
+
+
+def _label() -> str:
+    return ("sd15 half widths, {width}x{height}, {frames} frames, {steps} steps, CFG {guidance}, "
+            "CPU, {threads} threads").format(**SIZE, threads=torch.get_num_threads())
+
+
 def _ours(animator, ref, poses, latents):
     def run():
         cond = animator.prepare(ref, poses)
@@ -78,10 +89,9 @@ def test_whole_pipeline_fp32_and_auto(benchmark, animators, rounds, record):
     fp32_s = t.probe
     # fp32 is the same computation as the baseline (Moore-exact); auto is within bf16's error.
     assert abs(frames["fp32"] - frames["moore"]).max() < 1e-3
-    psnr = 10 * torch.log10(1 / torch.as_tensor((frames["auto"] - frames["fp32"]) ** 2).double().mean()).item()
+    psnr = _psnr(frames["auto"], frames["fp32"])
     s = t.summary()
-    label = ("sd15 half widths, {width}x{height}, {frames} frames, {steps} steps, CFG {guidance}, "
-             "CPU, {threads} threads").format(**SIZE, threads=torch.get_num_threads())
+    label = _label()
     per_round_fp32 = [b / o for b, o in zip(t.baseline, fp32_s)]
     details = dict(s, fp32_s=fp32_s, auto=dataclasses.asdict(auto), psnr_auto_vs_fp32_db=psnr)
     benchmark.extra_info.update(details)
@@ -127,11 +137,9 @@ def test_whole_pipeline_openvino(benchmark, animators, openvino_animator, rounds
         moore_animate(fp32, ref, poses, latents, steps=SIZE["steps"], guidance=SIZE["guidance"])
 
     t = compare(benchmark, ours_ov, moore, rounds, warmup=0)
-    diff = torch.as_tensor(frames["openvino"] - frames["fp32"]).double()
-    psnr = 10 * torch.log10(1 / (diff ** 2).mean()).item()
+    psnr = _psnr(frames["openvino"], frames["fp32"])
     s = t.summary()
-    label = ("sd15 half widths, {width}x{height}, {frames} frames, {steps} steps, CFG {guidance}, "
-             "CPU, {threads} threads").format(**SIZE, threads=torch.get_num_threads())
+    label = _label()
     details = dict(s, backend=ov.backend_name, backend_reason=ov.backend_reason,
                    psnr_openvino_vs_fp32_db=psnr)
     benchmark.extra_info.update(details)
