@@ -1,5 +1,5 @@
 import time, sys, torch, copy
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "../../.."))  # the repository root
 from benchmarks.test_precision_speed import sd15_half
 from benchmarks.workloads import full_models
 torch.set_num_threads(1)

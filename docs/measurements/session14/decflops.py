@@ -1,5 +1,5 @@
 import sys, torch, time
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "../../.."))  # the repository root
 from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.test_precision_speed import sd15_half
 from benchmarks.workloads import full_models

@@ -1,5 +1,5 @@
 import time, sys, torch
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "../../.."))  # the repository root
 from benchmarks.test_precision_speed import sd15_half, _animator, SIZE
 from benchmarks.workloads import full_models, video_inputs
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
