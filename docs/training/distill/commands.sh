@@ -29,3 +29,15 @@ python -m aa_trt train --stage distill --init aa_trt/assets/default.safetensors 
 S=/tmp/dst/run100/model.safetensors
 python -m aa_trt eval --ckpt $S --agreement-ckpt $T $common -o eval_student100to10_2000steps.json
 THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py $S example_100to10.jsonl
+
+# Session 14: CFG 3.5 folded into a 20-step student (20 UNet evaluations against DDIM-20-with-CFG's 40),
+# learning the teacher's guided DDIM-100 (5 teacher steps x 2 branches per student step), 2.9-3.2 s a
+# step on one thread. Stopped at step 300 (the session's end; planned 1200), exported by resuming with
+# --steps 300, evaluated against the teacher's DDIM-100 at CFG 3.5.
+python -m aa_trt train --stage distill --init aa_trt/assets/default.safetensors --data /tmp/dst/synth128 \
+    --out /tmp/dst/run35 --student-steps 20 --teacher-steps 100 --guidance 3.5 --frames 8 --batch 1 --steps 1200 --lr 2e-5 --warmup 20 \
+    --lr-decay cosine --save-every 100 --log-every 20 --seed 0 --device cpu
+S=/tmp/dst/run35/model.safetensors
+python -m aa_trt eval --ckpt $S --agreement-ckpt $T --agreement-guidance 3.5 $common -o eval_student_cfg35_100to20_300steps.json
+# Its starting point: the unguided teacher at DDIM-20 against the same guided reference.
+python -m aa_trt eval --ckpt $T --steps 20 --guidance 1.0 --agreement-ckpt $T --agreement-guidance 3.5 $common -o eval_teacher20_cfg1_vs_cfg35_reference.json
