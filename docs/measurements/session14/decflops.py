@@ -13,6 +13,3 @@ with torch.inference_mode():
     f = fc.get_total_flops()
     s=time.perf_counter(); vae.decode(x); e=time.perf_counter()-s
 print(f"{f/1e9:.1f} GFLOP, {e:.2f}s, {f/1e9/e:.0f} GFLOP/s")
-# per conv layer shapes
-for n, m in vae.decoder.named_modules():
-    if isinstance(m, torch.nn.Conv2d): pass
