@@ -22,7 +22,7 @@ from aa_trt.models.reference_kv import compute_reference_kv
 from aa_trt.pose.draw import render
 from aa_trt.pose.keypoints import Pose
 from aa_trt.training import grad_ckpt
-from aa_trt.training.loop import StepInputs, Trainer, TrainOptions
+from aa_trt.training.loop import StepInputs, Trainer, TrainOptions, lr_factor
 from aa_trt.training.stage import TrainModel, bank_parameters, is_motion_key
 from aa_trt.training.synthetic import make_video, synthesize
 from helpers import max_abs, randomize_
@@ -224,6 +224,22 @@ def test_resume_gives_the_same_next_step(data, tmp_path):
     resumed2.run(progress=False)
     events = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert {"event": "resumed", "step": 2, "changed": {"steps": [2, 3]}} in events
+
+
+def test_resume_applies_a_changed_learning_rate(data, tmp_path):
+    # The saved optimiser and scheduler hold the old LR; a resume with another --lr (or
+    # --weight-decay) must train with the new one, at the schedule's factor for this step.
+    Trainer(_opts(data, tmp_path, steps=2, warmup=1, lr=2e-3, lr_decay="cosine")).run(progress=False)
+    opts = _opts(data, tmp_path, steps=6, warmup=1, lr=5e-3, lr_decay="cosine", weight_decay=0.05, resume=True)
+    resumed = Trainer(opts)
+    assert resumed.load_state() and resumed.step == 2
+    assert resumed.resume_changes["lr"] == [2e-3, 5e-3]
+    want = 5e-3 * lr_factor(opts, 2)
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(want) and group["weight_decay"] == 0.05
+    assert resumed.lr_schedule.get_last_lr()[0] == pytest.approx(want)
+    resumed.train_step(resumed.draw(resumed.step))
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * lr_factor(opts, 3))
 
 
 def test_resume_refuses_other_initial_weights(data, tmp_path):

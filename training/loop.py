@@ -340,6 +340,14 @@ class Trainer:
                 p.copy_(state["model"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+        # Both state dicts carry the old run's hyperparameters (the scheduler its base LR, the
+        # optimiser its LR and weight decay): a resume that changes --lr or --weight-decay must
+        # get the new values, with the schedule's factor at this step (the moments stay).
+        self.lr_schedule.base_lrs = [self.opts.lr] * len(self.optimizer.param_groups)
+        factor = lr_factor(self.opts, self.lr_schedule.last_epoch)
+        for g in self.optimizer.param_groups:
+            g["initial_lr"], g["lr"], g["weight_decay"] = self.opts.lr, self.opts.lr * factor, self.opts.weight_decay
+        self.lr_schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] == self.world:
