@@ -2,7 +2,8 @@
 
 SD's VAE (84 M parameters) and CLIP ViT-L/14 (303 M) are too large to embed, and a preset built
 from scratch has random ones, which make every later stage meaningless. Stage 0 trains the preset's
-own AutoencoderKL and CLIPVisionModelWithProjection (the same classes, small widths):
+own AutoencoderKL and CLIPVisionModelWithProjection (aa_trt/models/vae.py and clip.py, the
+architectures of diffusers and transformers, at small widths):
 
 - VAE: L1 + MSE reconstruction of random crops plus a small KL term (SD's autoencoder without its
   perceptual and adversarial losses, which need pretrained networks this environment cannot fetch);

@@ -1,39 +1,21 @@
-"""The two submodels taken from other libraries: diffusers' AutoencoderKL, transformers' CLIP."""
+"""The VAE and the CLIP image encoder: built from the configs diffusers and transformers save
+(ModelConfig.vae / .clip), as this package's own modules (models/vae.py, models/clip.py: the same
+parameter names and arithmetic, without those libraries' import time), and CLIP's preprocessing."""
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
 
-_CLIP_DROP = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
-              "model_type", "_attn_implementation_autoset", "id2label", "label2id"}
-
-
-def vae_kwargs(cfg: dict) -> dict:
-    """Only the AutoencoderKL constructor's own arguments (a saved config also has `_class_name`...)."""
-    from diffusers import AutoencoderKL
-
-    names = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
-    return {k: v for k, v in cfg.items() if k in names}
-
-
-def clip_kwargs(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _CLIP_DROP and not k.startswith("_")}
+from aa_trt.models.clip import CLIPConfig, CLIPVisionModelWithProjection
+from aa_trt.models.vae import AutoencoderKL, VAEConfig
 
 
 def build_vae(cfg: dict) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**vae_kwargs(cfg))
+    return AutoencoderKL(VAEConfig.from_dict(cfg))
 
 
 def build_clip(cfg: dict) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    config = CLIPVisionConfig(**clip_kwargs(cfg))
-    config._attn_implementation = "sdpa"
-    return CLIPVisionModelWithProjection(config)
+    return CLIPVisionModelWithProjection(CLIPConfig.from_dict(cfg))
 
 
 # CLIP's image normalisation (OpenAI's statistics, as sd-image-variations' processor uses them).
