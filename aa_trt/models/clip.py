@@ -62,8 +62,13 @@ class Embeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
         n = (c.image_size // c.patch_size) ** 2 + 1
-        self.position_embedding = nn.Embedding(n, c.hidden_size)
-        self.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+        # Given its (uninitialised) weight, nn.Embedding skips its own normal_ init: init_weights
+        # draws it, and on the meta device nothing must (see init_weights).
+        self.position_embedding = nn.Embedding(n, c.hidden_size, _weight=torch.empty(n, c.hidden_size))
+        # Not in the checkpoint: on the meta device only its shape (checkpoint.load_checkpoint
+        # rebuilds it), since arange there goes through torch's slow-to-import decompositions.
+        ids = torch.empty((1, n), dtype=torch.long) if torch.empty(0).is_meta else torch.arange(n).expand((1, -1))
+        self.register_buffer("position_ids", ids, persistent=False)
         self.image_size = c.image_size
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (b, 3, s, s) -> (b, 1 + patches, d)
@@ -147,7 +152,11 @@ class CLIPVisionModelWithProjection(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """transformers' CLIP initialisation: normal weights with per-layer scales, zero biases,
-        unit LayerNorms (the same distributions, not the same draws)."""
+        unit LayerNorms (the same distributions, not the same draws). Skipped on the meta device
+        (a checkpoint load), where normal_ runs torch's reference decompositions, whose first use
+        imports torch._dynamo (~1.2 s)."""
+        if self.visual_projection.weight.is_meta:
+            return
         c, f = self.config, self.config.initializer_factor
         d = c.hidden_size
         emb = self.vision_model.embeddings

@@ -27,8 +27,11 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
 class PositionalEncoding(nn.Module):
     def __init__(self, dim: int, max_len: int):
         super().__init__()
-        # Persistent: Moore's motion_module.pth stores it.
-        self.register_buffer("pe", sinusoidal_table(max_len, dim))
+        # Persistent: Moore's motion_module.pth stores it. Built on the meta device (a checkpoint
+        # load) it is only a shape: computing it there runs torch's reference decompositions,
+        # whose first use imports torch._dynamo (~1.2 s of every run).
+        meta = torch.empty(0).is_meta
+        self.register_buffer("pe", torch.empty(1, max_len, dim) if meta else sinusoidal_table(max_len, dim))
 
     def forward(self, x):  # x (n, f, c)
         if x.shape[1] > self.pe.shape[1]:
