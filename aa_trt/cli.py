@@ -172,7 +172,8 @@ def _eval(args) -> int:
     return 0
 
 
-DISTILL_ONLY = (("--student-steps", "student_steps"), ("--teacher-steps", "teacher_steps"), ("--guidance", "guidance"))
+DISTILL_ONLY = (("--student-steps", "student_steps"), ("--teacher-steps", "teacher_steps"), ("--guidance", "guidance"),
+                ("--cross-ref", "cross_ref"))
 
 
 def _train_stage(value: str):
@@ -545,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--guidance", type=float, default=None,
                    help="distill: the teacher's CFG scale, folded into the student's one branch when > 1 "
                    "(default: the teacher checkpoint's)")
+    t.add_argument("--cross-ref", type=float, default=None, metavar="P",
+                   help="distill: the probability that a sample's reference image is another video's "
+                   "character, as in use (default 0)")
     t.add_argument("--weight-decay", type=float, default=1e-2)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from aa_trt.config import SchedulerConfig
 from aa_trt.errors import OptionError
 from aa_trt.options import SampleOptions
 from aa_trt.sampling import DDIMSchedule, ddim_schedule, sample_ddim
-from aa_trt.training.data import LatentBatch
+from aa_trt.training.data import LatentBatch, VideoSet, sample_batch
 from aa_trt.training.distill import (DistillOptions, DistillSchedule, DistillTrainer, distill_loss, guided,
                                      student_target, teacher_steps)
 from aa_trt.training.loop import StepInputs
@@ -150,6 +151,7 @@ def test_schedules_nest_or_are_refused():
     (dict(lr=0.0), "^lr=0.0: must be > 0"),
     (dict(frames=0), "^frames=0: must be >= 1"),
     (dict(lr_decay="linear"), "^lr_decay='linear': expected constant or cosine"),
+    (dict(cross_ref=1.5), "^cross_ref=1.5: must be >= 0.0 and <= 1.0"),
 ])
 def test_options_check_themselves(kw, says):
     with pytest.raises(OptionError, match=says):
@@ -158,6 +160,35 @@ def test_options_check_themselves(kw, says):
     assert (o.teacher_steps, o.k, o.stage, o.uncond_ratio) == (10, 2, "distill", 0.0)
     with pytest.raises(Exception):
         o.steps = 3  # frozen
+
+
+# ------------------------------------------------------------------------------------ the data
+def _owner(videos, frame) -> int:
+    """The index of the one video holding this frame."""
+    owners = [i for i in range(len(videos)) if any(np.array_equal(frame, f) for f in videos.video(i).frames)]
+    assert len(owners) == 1
+    return owners[0]
+
+
+def test_cross_ref_takes_the_reference_from_another_video(files):
+    videos = VideoSet(files["data"])
+    # 0 (every stage's default): the generator is drawn as before the option, ref and clip one video's.
+    same = sample_batch(videos, np.random.default_rng(5), 6, 2, cross_ref=0.0)
+    old = sample_batch(videos, np.random.default_rng(5), 6, 2)
+    assert np.array_equal(same.ref, old.ref) and np.array_equal(same.frames, old.frames)
+    assert all(_owner(videos, r) == _owner(videos, c[0]) for r, c in zip(same.ref, same.frames))
+    # 1: every reference shows another video's character; the clips and poses are unchanged in kind.
+    cross = sample_batch(videos, np.random.default_rng(5), 6, 2, cross_ref=1.0)
+    assert all(_owner(videos, r) != _owner(videos, c[0]) for r, c in zip(cross.ref, cross.frames))
+    assert cross.frames.shape == same.frames.shape and cross.poses.shape == same.poses.shape
+
+
+def test_the_trainer_draws_cross_references_only_when_asked(files, tmp_path):
+    plain = DistillTrainer(_opts(files, tmp_path / "a"))
+    cross = DistillTrainer(_opts(files, tmp_path / "b", cross_ref=1.0, batch=4))
+    assert plain.cross_ref == 0.0 and cross.cross_ref == 1.0
+    inp = cross.draw(0)
+    assert inp.batch.latents.shape[0] == 4 and torch.isfinite(cross.loss(inp)).item()
 
 
 # ------------------------------------------------------------------------------------ training
@@ -254,6 +285,8 @@ def _refused(capsys, *argv) -> str:
     (["--stage", "distill", "--init", "T", "--student-steps", "10", "--teacher-steps", "15"],
      "--teacher-steps 15: must be a multiple of --student-steps (10)"),
     (["--stage", "distill", "--init", "T", "--student-steps", "0"], "--student-steps 0: must be >= 1"),
+    (["--stage", "2", "--preset", "tiny", "--cross-ref", "0.5"], "--cross-ref belongs to --stage distill, not --stage 2"),
+    (["--stage", "distill", "--init", "T", "--cross-ref", "2"], "--cross-ref 2.0: must be >= 0.0 and <= 1.0"),
 ])
 def test_cli_refusals_are_one_line(argv, says, capsys, tmp_path):
     err = _refused(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv)

@@ -102,12 +102,18 @@ class PixelBatch:
 
 
 def sample_batch(videos: VideoSet, rng: np.random.Generator, batch: int, frames: int = 1,
-                 stride: int = 1) -> PixelBatch:
+                 stride: int = 1, cross_ref: float = 0.0) -> PixelBatch:
     """Moore's sampling: a random video, a random reference frame from it, and a random target
-    frame (stage 1) or clip of `frames` frames `stride` apart (stage 2) from the same video."""
+    frame (stage 1) or clip of `frames` frames `stride` apart (stage 2) from the same video.
+
+    cross_ref: the probability that a sample's reference frame comes from another video instead
+    (another character, as when a user animates their picture with someone else's dance). Only
+    distillation uses it: its target is the teacher's output, not the clip, so the pair need not
+    match. At 0 the generator is drawn exactly as before."""
     refs, tgts, poses = [], [], []
     for _ in range(batch):
-        v = videos.video(int(rng.integers(len(videos))))
+        vi = int(rng.integers(len(videos)))
+        v = videos.video(vi)
         n = len(v.frames)
         span = (frames - 1) * stride + 1
         if span > n:
@@ -118,7 +124,11 @@ def sample_batch(videos: VideoSet, rng: np.random.Generator, batch: int, frames:
             idx = np.arange(frames) * s
         else:
             idx = int(rng.integers(n - span + 1)) + np.arange(frames) * stride
-        refs.append(v.frames[int(rng.integers(n))])
+        rv = v
+        if cross_ref > 0 and len(videos) > 1 and rng.random() < cross_ref:
+            other = int(rng.integers(len(videos) - 1))
+            rv = videos.video(other + (other >= vi))  # any video but this one
+        refs.append(rv.frames[int(rng.integers(len(rv.frames)))])
         tgts.append(v.frames[idx])
         poses.append(v.poses[idx])
     return PixelBatch(np.stack(refs), np.stack(tgts), np.stack(poses))

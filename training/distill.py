@@ -63,6 +63,9 @@ class DistillOptions:
     batch: int = 2                     # samples per process and step
     lr: float = 1e-5
     frames: int = 16                   # clip length: the motion modules are distilled too
+    # The probability that a sample's reference frame comes from another video (another character),
+    # as in use; the target is the teacher's output, so the pair need not match.
+    cross_ref: float = 0.0
     stride: int = 1
     size: int | None = None
     seed: int = 0
@@ -112,6 +115,8 @@ class DistillOptions:
             _int("size", self.size, 8)
         _real("lr", self.lr, 0.0, open_low=True)
         _real("noise_offset", self.noise_offset, 0.0)
+        _real("cross_ref", self.cross_ref, 0.0, 1.0)
+        object.__setattr__(self, "cross_ref", float(self.cross_ref))
         _real("weight_decay", self.weight_decay, 0.0)
         _real("max_grad_norm", self.max_grad_norm, 0.0)
         _real("lr_floor", self.lr_floor, 0.0, 1.0)
@@ -262,6 +267,10 @@ class DistillTrainer(Trainer):
 
     RESUME_KEYS = Trainer.RESUME_KEYS + ("student_steps", "teacher_steps", "guidance")
 
+    @property
+    def cross_ref(self) -> float:
+        return self.opts.cross_ref
+
     def build_model(self) -> TrainModel:
         o, cfg = self.opts, self.models.config
         if o.frames > cfg.motion.max_len:
@@ -305,6 +314,7 @@ class DistillTrainer(Trainer):
                 "distilled": {"method": "progressive distillation (Salimans & Ho 2022)", "teacher": o.init,
                               "teacher_steps": o.teacher_steps, "student_steps": o.student_steps,
                               "guidance": self.guidance, "guidance_folded": self.folded,
+                              "cross_ref": o.cross_ref,
                               "teacher_provenance": teacher_prov}}
 
 

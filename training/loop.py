@@ -229,6 +229,10 @@ class Trainer:
                 if o.precision != "no" else nullcontext())
 
     # -------------------------------------------------------------- data
+    # The probability of a reference frame from another video (sample_batch): 0 for the stages that
+    # learn to reconstruct the clip, where the reference must show the clip's own character.
+    cross_ref: float = 0.0
+
     @property
     def videos(self) -> VideoSet:
         if self._videos is None:
@@ -241,7 +245,7 @@ class Trainer:
         o = self.opts
         rng = np.random.default_rng([o.seed, step, self.rank])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        px = sample_batch(self.videos, rng, o.batch, o.frames, o.stride)
+        px = sample_batch(self.videos, rng, o.batch, o.frames, o.stride, self.cross_ref)
         lb = encode(self.models.vae, self.models.image_encoder, px, self.models.config.latent_scale,
                     self.device, gen)
         b = lb.latents.shape[0]

@@ -1,4 +1,4 @@
-"""THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py STUDENT.safetensors [STUDENT2 ...] OUT.jsonl: the bundled example
+"""[REF=IMAGE] THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py STUDENT.safetensors [STUDENT2 ...] OUT.jsonl: the bundled example
 (examples/ref.png + examples/dance.mp4, 24 frames, poses from aa-trt run's own pose stage), fp32,
 seed 0: the teacher's DDIM-100 render as the reference; the teacher at DDIM-10 and DDIM-20 and the
 student(s) at their declared steps and at 20 scored against it (agreement PSNR/SSIM over uint8 frames)."""
@@ -15,7 +15,7 @@ from aa_trt.video import open_clip, read_image
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 student_paths, out = [Path(p) for p in sys.argv[1:-1]], sys.argv[-1]
-opts = RunOptions.create(ref=Path("examples/ref.png"), driving=Path("examples/dance.mp4"), output=Path("/tmp/x.mp4"), quiet=True)
+opts = RunOptions.create(ref=Path(os.environ.get("REF", "examples/ref.png")), driving=Path("examples/dance.mp4"), output=Path("/tmp/x.mp4"), quiet=True)
 config = read_config(DEFAULT_MODEL)
 ref = read_image(opts.ref)
 clip = open_clip(opts.driving, opts.start, opts.stride, opts.frames)
