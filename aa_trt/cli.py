@@ -173,7 +173,7 @@ def _eval(args) -> int:
 
 
 DISTILL_ONLY = (("--student-steps", "student_steps"), ("--teacher-steps", "teacher_steps"), ("--guidance", "guidance"),
-                ("--cross-ref", "cross_ref"))
+                ("--cross-ref", "cross_ref"), ("--on-trajectory", "on_trajectory"))
 
 
 def _train_stage(value: str):
@@ -549,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cross-ref", type=float, default=None, metavar="P",
                    help="distill: the probability that a sample's reference image is another video's "
                    "character, as in use (default 0)")
+    t.add_argument("--on-trajectory", type=float, default=None, metavar="P",
+                   help="distill: the probability that a sample starts where the student's own steps "
+                   "from noise reach, not at noised data (default 0)")
     t.add_argument("--weight-decay", type=float, default=1e-2)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--warmup", type=int, default=0, help="linear LR warm-up steps (default 0)")

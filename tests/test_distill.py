@@ -5,6 +5,7 @@ random weights (never zeros), as tests/test_training.py.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from aa_trt.options import SampleOptions
 from aa_trt.sampling import DDIMSchedule, ddim_schedule, sample_ddim
 from aa_trt.training.data import LatentBatch, VideoSet, sample_batch
 from aa_trt.training.distill import (DistillOptions, DistillSchedule, DistillTrainer, distill_loss, guided,
-                                     student_target, teacher_steps)
+                                     student_states, student_target, teacher_steps)
 from aa_trt.training.loop import StepInputs
 from aa_trt.training.synthetic import synthesize
 from helpers import save_tiny_checkpoint
@@ -119,6 +120,45 @@ def test_the_target_lands_where_the_teacher_lands(guidance):
     assert distill_loss(model, model, inp, sched, guidance).item() > 1e-4
 
 
+def test_student_states_are_its_own_ddim_sampler_stopped_at_each_step():
+    """Per sample, the state before student step i is sample_ddim's first i steps on the student's
+    schedule from the same noise (i = 0: the noise itself), samples of different i in one batch."""
+    cfg = SchedulerConfig()
+    sched, student = DistillSchedule.build(cfg, 5, 10), ddim_schedule(cfg, 5)
+    model, inp = Linear(seed=2), _toy_inputs(b=3)
+    b, c, f, h, w = inp.batch.latents.shape
+    noise = torch.randn(b * f, c, h, w, generator=torch.Generator().manual_seed(7))
+    idx = torch.tensor([0, 3, 4])
+    got = student_states(model, noise, idx, sched, inp.batch, None)
+    t_of = lambda t: torch.full((b,), t)  # noqa: E731
+    for s, i in enumerate(idx.tolist()):
+        part = DDIMSchedule(student.timesteps[:i], student.prev_timesteps[:i], student.alphas_cumprod,
+                            student.final_alpha_cumprod, student.prediction_type)
+        want = sample_ddim(lambda x, t: guided(model, x, t_of(t), inp.batch, 1.0, None), noise, part,
+                           disable=True)[s * f:(s + 1) * f]
+        assert (got[s * f:(s + 1) * f] - want).abs().max() <= 1e-5 * want.abs().max(), i
+    assert torch.equal(got[:f], noise[:f])  # step 0 starts at the noise (alpha_bar = 0)
+    # In the loss: marked samples start there, the others at noised latents (a different loss).
+    inp.timesteps = sched.t[idx]
+    plain = distill_loss(model, model, inp, sched, 1.0).item()
+    inp.on_trajectory = torch.tensor([False, True, True])
+    assert abs(distill_loss(model, model, inp, sched, 1.0).item() - plain) > 1e-3 * plain
+    inp.on_trajectory = torch.zeros(3, dtype=torch.bool)
+    assert distill_loss(model, model, inp, sched, 1.0).item() == plain
+
+
+def test_the_trainer_marks_on_trajectory_samples_only_when_asked(files, tmp_path):
+    plain = DistillTrainer(_opts(files, tmp_path / "a", batch=4))
+    own = DistillTrainer(_opts(files, tmp_path / "b", batch=4, on_trajectory=1.0))
+    a, b = plain.draw(3), own.draw(3)
+    assert a.on_trajectory is None and bool(b.on_trajectory.all())
+    # Nothing else of the draw moves: same latents, noise and timesteps.
+    assert torch.equal(a.batch.latents, b.batch.latents) and torch.equal(a.noise, b.noise)
+    assert torch.equal(a.timesteps, b.timesteps)
+    loss = own.train_step(b)
+    assert math.isfinite(float(loss))
+
+
 def test_one_teacher_step_per_student_step_gives_zero_loss(files, tmp_path):
     """The degenerate case: teacher steps = student steps, student = teacher: the target is the
     student's own x0 and the loss is float rounding, at every student timestep."""
@@ -152,6 +192,7 @@ def test_schedules_nest_or_are_refused():
     (dict(frames=0), "^frames=0: must be >= 1"),
     (dict(lr_decay="linear"), "^lr_decay='linear': expected constant or cosine"),
     (dict(cross_ref=1.5), "^cross_ref=1.5: must be >= 0.0 and <= 1.0"),
+    (dict(on_trajectory=-0.1), "^on_trajectory=-0.1: must be >= 0.0 and <= 1.0"),
 ])
 def test_options_check_themselves(kw, says):
     with pytest.raises(OptionError, match=says):
@@ -286,6 +327,7 @@ def _refused(capsys, *argv) -> str:
      "--teacher-steps 15: must be a multiple of --student-steps (10)"),
     (["--stage", "distill", "--init", "T", "--student-steps", "0"], "--student-steps 0: must be >= 1"),
     (["--stage", "2", "--preset", "tiny", "--cross-ref", "0.5"], "--cross-ref belongs to --stage distill, not --stage 2"),
+    (["--stage", "1", "--preset", "tiny", "--on-trajectory", "1"], "--on-trajectory belongs to --stage distill, not --stage 1"),
     (["--stage", "distill", "--init", "T", "--cross-ref", "2"], "--cross-ref 2.0: must be >= 0.0 and <= 1.0"),
 ])
 def test_cli_refusals_are_one_line(argv, says, capsys, tmp_path):

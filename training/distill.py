@@ -26,6 +26,7 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aa_trt.checkpoint import Models, read_metadata
@@ -66,6 +67,9 @@ class DistillOptions:
     # The probability that a sample's reference frame comes from another video (another character),
     # as in use; the target is the teacher's output, so the pair need not match.
     cross_ref: float = 0.0
+    # The probability that a sample's x_t is where the student's own DDIM steps from pure noise
+    # reach (the states it meets in use), instead of the clip's latents noised to t.
+    on_trajectory: float = 0.0
     stride: int = 1
     size: int | None = None
     seed: int = 0
@@ -115,8 +119,9 @@ class DistillOptions:
             _int("size", self.size, 8)
         _real("lr", self.lr, 0.0, open_low=True)
         _real("noise_offset", self.noise_offset, 0.0)
-        _real("cross_ref", self.cross_ref, 0.0, 1.0)
-        object.__setattr__(self, "cross_ref", float(self.cross_ref))
+        for name in ("cross_ref", "on_trajectory"):
+            _real(name, getattr(self, name), 0.0, 1.0)
+            object.__setattr__(self, name, float(getattr(self, name)))
         _real("weight_decay", self.weight_decay, 0.0)
         _real("max_grad_norm", self.max_grad_norm, 0.0)
         _real("lr_floor", self.lr_floor, 0.0, 1.0)
@@ -236,12 +241,37 @@ def teacher_steps(teacher, x_t: torch.Tensor, idx: torch.Tensor, sched: DistillS
     return x
 
 
-def distill_loss(teacher, student, inp: StepInputs, sched: DistillSchedule, guidance: float) -> torch.Tensor:
+@torch.no_grad()
+def student_states(student, noise: torch.Tensor, idx: torch.Tensor, sched: DistillSchedule, batch,
+                   banks) -> torch.Tensor:
+    """Where the student's own DDIM sampler stands before its step idx, from `noise` at the first
+    step (alpha_bar = 0, so the state there is the noise itself): its steps 0 .. idx - 1, one
+    branch (the student is cond-only in use, its teacher's guidance folded in when > 1). These are
+    the states it meets when it samples, which noised data latents only approximate. noise
+    (B*F, c, h, w), idx (B,) -> (B*F, c, h, w)."""
+    frames = noise.shape[0] // idx.shape[0]
+    per_row = lambda a: a.repeat_interleave(frames).view(-1, 1, 1, 1)  # noqa: E731  (B,) -> (B*F,1,1,1)
+    x = noise.float()
+    for j in range(int(idx.max())):
+        j_ = torch.full_like(idx, j)
+        pred = guided(student, x, sched.t[j_], batch, 1.0, banks)
+        stepped = ddim_step(x, pred.float(), per_row(sched.a_from[j_]), per_row(sched.a_to[j_]),
+                            sched.prediction_type)
+        x = torch.where(per_row(idx > j), stepped, x)  # a sample stops at its own step
+    return x
+
+
+def distill_loss(teacher, student, inp: StepInputs, sched: DistillSchedule, guidance: float,
+                 rollout=None) -> torch.Tensor:
     """The distillation loss of one batch, a scalar: the student's x0 (from its one-branch
     prediction at x_t) against student_target, weighted by max(snr(t), 1) (Salimans & Ho's
     "truncated SNR": the x0 error where the signal is weak, like an epsilon error where it is
     strong). A pure function of the two models and the drawn inputs (latents, noise, the student's
-    timesteps); teacher and student are TrainModels (or anything with their call signature)."""
+    timesteps); teacher and student are TrainModels (or anything with their call signature).
+
+    x_t is the clip's latents noised to t, or, for the samples inp.on_trajectory marks, the
+    student's own state at t (student_states, run by `rollout`: the student without its DDP
+    wrapper; default `student`)."""
     x0 = inp.batch.latents
     b, c, f, h, w = x0.shape
     rows = lambda x: x.transpose(1, 2).reshape(b * f, c, h, w)  # noqa: E731  (B,C,F,h,w) -> (B*F,C,h,w)
@@ -252,6 +282,11 @@ def distill_loss(teacher, student, inp: StepInputs, sched: DistillSchedule, guid
     # The ReferenceNet is frozen and shared: its banks are computed once for every forward below.
     with torch.no_grad():
         banks = teacher.reference_banks(inp.batch.ref_latent, inp.batch.clip[:, None])
+        own = inp.on_trajectory
+        if own is not None and bool(own.any()):
+            states = student_states(student if rollout is None else rollout, rows(inp.noise), idx, sched,
+                                    inp.batch, banks)
+            x_t = torch.where(per_row(own), states.to(x_t.dtype), x_t)
         x_teacher = teacher_steps(teacher, x_t, idx, sched, inp.batch, guidance, banks)
         target = student_target(x_t, x_teacher, per_row(a_from), per_row(a_to))
     on = torch.ones(b, dtype=torch.bool, device=x0.device)
@@ -289,9 +324,20 @@ class DistillTrainer(Trainer):
         """(b,) long: the student's own DDIM timesteps, uniformly (the only ones it will see)."""
         return self.sched.t.cpu()[torch.randint(0, len(self.sched.t), (b,), generator=gen)]
 
+    def draw(self, step: int) -> StepInputs:
+        """The Trainer's draw, plus which samples start on the student's own trajectory, from a
+        generator of their own (so at on_trajectory 0 every other draw is as before)."""
+        inp = super().draw(step)
+        if self.opts.on_trajectory > 0:
+            rng = np.random.default_rng([self.opts.seed, step, self.rank, 1])
+            b = inp.timesteps.shape[0]
+            inp = dataclasses.replace(inp, on_trajectory=torch.from_numpy(
+                rng.random(b) < self.opts.on_trajectory).to(self.device))
+        return inp
+
     def loss(self, inp: StepInputs) -> torch.Tensor:
         with self.autocast():
-            return distill_loss(self.teacher, self.ddp, inp, self.sched, self.guidance)
+            return distill_loss(self.teacher, self.ddp, inp, self.sched, self.guidance, rollout=self.model)
 
     @property
     def folded(self) -> bool:
@@ -314,7 +360,7 @@ class DistillTrainer(Trainer):
                 "distilled": {"method": "progressive distillation (Salimans & Ho 2022)", "teacher": o.init,
                               "teacher_steps": o.teacher_steps, "student_steps": o.student_steps,
                               "guidance": self.guidance, "guidance_folded": self.folded,
-                              "cross_ref": o.cross_ref,
+                              "cross_ref": o.cross_ref, "on_trajectory": o.on_trajectory,
                               "teacher_provenance": teacher_prov}}
 
 

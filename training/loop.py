@@ -118,6 +118,8 @@ class StepInputs:
     noise: torch.Tensor      # (B, c, F, h, w)
     timesteps: torch.Tensor  # (B,) long
     use_ref: torch.Tensor    # (B,) bool; False = an unconditional sample
+    # (B,) bool or None: distillation's samples whose x_t is the student's own state (distill.py)
+    on_trajectory: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------- processes
