@@ -41,3 +41,30 @@ S=/tmp/dst/run35/model.safetensors
 python -m aa_trt eval --ckpt $S --agreement-ckpt $T --agreement-guidance 3.5 $common -o eval_student_cfg35_100to20_300steps.json
 # Its starting point: the unguided teacher at DDIM-20 against the same guided reference.
 python -m aa_trt eval --ckpt $T --steps 20 --guidance 1.0 --agreement-ckpt $T --agreement-guidance 3.5 $common -o eval_teacher20_cfg1_vs_cfg35_reference.json
+
+# Sessions 16-17: what explains the example's gap? 400-step 100 -> 10 students, 8 frames unless said,
+# lr 2e-5 cosine; one variable each: --frames 24 (~10 s a step), --cross-ref 1.0 / 0.5 (reference
+# from another video), --on-trajectory 1.0 / 0.5 (x_t the student's own state, ~4.5 s a step).
+run() {  # run NAME FLAGS...
+    name=$1; shift
+    python -m aa_trt train --stage distill --init $T --data $D --out /tmp/dst/$name --student-steps 10 \
+        --teacher-steps 100 --batch 1 --steps 400 --lr 2e-5 --warmup 20 --lr-decay cosine --save-every 100 \
+        --log-every 20 --seed 0 --device cpu --quiet "$@"
+}
+run run100f8 --frames 8; run run100f24 --frames 24
+run run100f8x1.0 --frames 8 --cross-ref 1.0; run run100f8x0.5 --frames 8 --cross-ref 0.5
+run run100f8t1.0 --frames 8 --on-trajectory 1.0; run run100f8t0.5 --frames 8 --on-trajectory 0.5
+for name in run100f8 run100f24 run100f8x1.0 run100f8t1.0 run100f8t0.5; do
+    python -m aa_trt eval --ckpt /tmp/dst/$name/model.safetensors --agreement-ckpt $T $common -o eval_$name.json
+done
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py /tmp/dst/run100f8/model.safetensors \
+    /tmp/dst/run100f24/model.safetensors example_100to10_f8_f24_400steps.jsonl
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py /tmp/dst/run100f8x1.0/model.safetensors \
+    /tmp/dst/run100f8x0.5/model.safetensors example_100to10_crossref_400steps.jsonl
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py /tmp/dst/run100f8t1.0/model.safetensors \
+    /tmp/dst/run100f8t0.5/model.safetensors example_100to10_ontrajectory_400steps.jsonl
+# The example with a self-reference (the dance video's own frame 0 as the reference image).
+python -c "import av; from PIL import Image; c = av.open('examples/dance.mp4'); \
+Image.fromarray(next(c.decode(video=0)).to_ndarray(format='rgb24')).save('/tmp/dance0.png')"
+REF=/tmp/dance0.png THREADS=2 PYTHONPATH=. python docs/training/distill/example_agreement.py \
+    /tmp/dst/run100f8/model.safetensors example_selfref_100to10_f8_400steps.jsonl
