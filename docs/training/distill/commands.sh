@@ -68,3 +68,6 @@ python -c "import av; from PIL import Image; c = av.open('examples/dance.mp4'); 
 Image.fromarray(next(c.decode(video=0)).to_ndarray(format='rgb24')).save('/tmp/dance0.png')"
 REF=/tmp/dance0.png THREADS=2 PYTHONPATH=. python docs/training/distill/example_agreement.py \
     /tmp/dst/run100f8/model.safetensors example_selfref_100to10_f8_400steps.jsonl
+# The pose source: held-out videos driven by the data set's pose renderings and by the run's pose stage.
+THREADS=2 PYTHONPATH=. python docs/training/distill/pose_source_agreement.py $D /tmp/dst/run100f8/model.safetensors \
+    pose_source_100to10_f8_400steps.jsonl 12
