@@ -71,3 +71,10 @@ REF=/tmp/dance0.png THREADS=2 PYTHONPATH=. python docs/training/distill/example_
 # The pose source: held-out videos driven by the data set's pose renderings and by the run's pose stage.
 THREADS=2 PYTHONPATH=. python docs/training/distill/pose_source_agreement.py $D /tmp/dst/run100f8/model.safetensors \
     pose_source_100to10_f8_400steps.jsonl 12
+# Both: cross-character pairs with x_t on the student's own trajectory.
+run run100f8x1.0t1.0 --frames 8 --cross-ref 1.0 --on-trajectory 1.0; run run100f8x0.5t1.0 --frames 8 --cross-ref 0.5 --on-trajectory 1.0
+for name in run100f8x1.0t1.0 run100f8x0.5t1.0; do
+    python -m aa_trt eval --ckpt /tmp/dst/$name/model.safetensors --agreement-ckpt $T $common -o eval_$name.json
+done
+THREADS=1 PYTHONPATH=. python docs/training/distill/example_agreement.py /tmp/dst/run100f8x1.0t1.0/model.safetensors \
+    /tmp/dst/run100f8x0.5t1.0/model.safetensors example_100to10_crossref_ontrajectory_400steps.jsonl
