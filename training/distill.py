@@ -284,8 +284,9 @@ def distill_loss(teacher, student, inp: StepInputs, sched: DistillSchedule, guid
         banks = teacher.reference_banks(inp.batch.ref_latent, inp.batch.clip[:, None])
         own = inp.on_trajectory
         if own is not None and bool(own.any()):
-            states = student_states(student if rollout is None else rollout, rows(inp.noise), idx, sched,
-                                    inp.batch, banks)
+            # Unmarked samples stop at step 0, so the rollout runs only as far as a marked one needs.
+            states = student_states(student if rollout is None else rollout, rows(inp.noise),
+                                    torch.where(own, idx, torch.zeros_like(idx)), sched, inp.batch, banks)
             x_t = torch.where(per_row(own), states.to(x_t.dtype), x_t)
         x_teacher = teacher_steps(teacher, x_t, idx, sched, inp.batch, guidance, banks)
         target = student_target(x_t, x_teacher, per_row(a_from), per_row(a_to))
