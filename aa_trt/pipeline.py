@@ -22,7 +22,7 @@ from aa_trt.models.layers import ReferenceState
 from aa_trt.models.reference_kv import ReferenceKV, compute_reference_kv
 from aa_trt.options import SampleOptions
 from aa_trt.pose.stage import PoseFrames, RenderedFrames
-from aa_trt.sampling import SAMPLERS, ddim_schedule
+from aa_trt.sampling import SAMPLERS, sampling_schedule
 
 
 @dataclass
@@ -294,7 +294,7 @@ class Animator:
 
         windows = context_windows(cond.num_frames, sample.context_frames, sample.context_overlap,
                                   sample.context_schedule)
-        schedule = ddim_schedule(self.config.scheduler, sample.steps)
+        schedule = sampling_schedule(self.config.scheduler, sample.steps, sample.timestep_power)
         self.plan = make_plan(len(windows), world, rank, sample.cfg, parallel)
         mine = len(self.plan.windows)
         share = f"{mine}/{len(windows)} windows/step, {self.plan.describe()}" if world > 1 \

@@ -236,7 +236,7 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
         resume.remove()  # the output is complete: nothing left to resume
     return {"output": str(opts.output), "frames": n, "width": width, "height": height,
             "guidance": sample.guidance, "steps": sample.steps, "sampler": sample.sampler,
-            "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
+            "timestep_power": sample.timestep_power, "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
             "precision_reason": precision[1], **facts, "peak_rss_mb": peak_rss_mb(),
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}

@@ -95,6 +95,36 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int) -> DDIMSchedule:
     return DDIMSchedule(tuple(int(t) for t in ts), prev, ac, final, cfg.prediction_type)
 
 
+def power_timesteps(T: int, steps: int, power: float) -> tuple[int, ...]:
+    """`steps` timesteps t_i = round(T (1 - i / steps)^power) - 1, i = 0..steps - 1: the first at
+    T - 1 (where sampling starts), power 1 trailing's spacing (a .5 may round the other way), power > 1 smaller steps at low
+    noise. Where rounding would repeat a timestep (crowded at the clean end for power > 1, at T - 1
+    for power < 1), they are pushed apart, up from the end, then down from the start, so that they
+    stay whole, distinct, decreasing and within 0..T - 1."""
+    ts = [int(round(T * (1 - i / steps) ** power)) - 1 for i in range(steps)]
+    ts[-1] = max(ts[-1], 0)
+    for i in range(steps - 2, -1, -1):
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    ts[0] = T - 1
+    for i in range(1, steps):
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    return tuple(ts)
+
+
+def sampling_schedule(cfg: SchedulerConfig, steps: int, power: float | None = None) -> DDIMSchedule:
+    """The schedule the samplers run. power None: the checkpoint's spacing with diffusers'
+    DDIMScheduler rules (ddim_schedule; Moore-exact). A number: power_timesteps, each step from
+    one timestep to the next and the last to the clean sample (alpha_bar 1). Why: with trailing
+    spacing almost all of a 10-step render's distance from the converged one is made by its last
+    step (t 99 -> clean; docs/samplers.md, "Where the error is made"); power 2 shrinks it to 9."""
+    if power is None:
+        return ddim_schedule(cfg, steps)
+    T = _check_steps(cfg, steps)
+    ts = power_timesteps(T, steps, power)
+    final = 1.0 if cfg.set_alpha_to_one else float(alphas_cumprod(cfg)[0])
+    return DDIMSchedule(ts, ts[1:] + (-1,), alphas_cumprod(cfg), final, cfg.prediction_type)
+
+
 def predict_x0_eps(x: torch.Tensor, pred: torch.Tensor, alpha: float, prediction_type: str):
     """The model output as (x0, eps) for a sample x at alpha_bar = alpha."""
     a, s = alpha**0.5, (1 - alpha) ** 0.5

@@ -109,6 +109,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
         result["sampler"] = sample.sampler
     if sample.guidance_interval is not None:
         result["guidance_interval"] = list(sample.guidance_interval)
+    if sample.timestep_power is not None:
+        result["timestep_power"] = sample.timestep_power
     converged = None
     if opts.agreement_steps is not None:
         if not opts.model:
@@ -120,10 +122,11 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
             ref_animator = Animator.from_pretrained(opts.agreement_ckpt, device=opts.device,
                                                     dtype=precision.torch_dtype())
             converged = ref_animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
-                                                    guidance=opts.agreement_guidance, guidance_interval=None)
+                                                    guidance=opts.agreement_guidance, guidance_interval=None,
+                                                    timestep_power=None)
         else:
             converged = animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
-                                                guidance_interval=None)
+                                                guidance_interval=None, timestep_power=None)
         result["agreement"] = {"sampler": "ddim", "steps": converged.steps}
         if opts.agreement_ckpt is not None:
             result["agreement"].update(ckpt=str(opts.agreement_ckpt), guidance=converged.guidance)
@@ -172,11 +175,11 @@ def unet_evaluations(sample: SampleOptions, frames: int, scheduler) -> int:
     """UNet evaluations (window x branch) of one video of `frames` frames with resolved options:
     both CFG branches counted at the steps where CFG applies, the cond branch alone elsewhere."""
     from aa_trt.guidance import context_windows
-    from aa_trt.sampling import ddim_schedule
+    from aa_trt.sampling import sampling_schedule
 
     windows = len(context_windows(frames, sample.context_frames, sample.context_overlap, sample.context_schedule))
     total = 0
-    for t in ddim_schedule(scheduler, sample.steps).timesteps:
+    for t in sampling_schedule(scheduler, sample.steps, sample.timestep_power).timesteps:
         lo, hi = sample.guidance_interval or (0, scheduler.num_train_timesteps - 1)
         total += windows * (2 if sample.cfg and lo <= t <= hi else 1)
     return total
@@ -227,7 +230,7 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
         for c in configs:
             c = animator.sample_options(c, seed=v["seed"])
             if c.guidance not in refs:
-                conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None)
+                conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None, timestep_power=None)
                 refs[c.guidance] = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), conv,
                                                                                  progress=progress)))
                 row = {"video": v["name"], "sampler": "ddim", "steps": reference_steps, "guidance": c.guidance,
@@ -244,6 +247,7 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
                 frames = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), c, progress=progress)))
             row = {"video": v["name"], "sampler": c.sampler, "steps": c.steps, "guidance": c.guidance,
                    "guidance_interval": list(c.guidance_interval) if c.guidance_interval else None,
+                   "timestep_power": c.timestep_power,
                    "unet_evaluations": unet_evaluations(c, len(v["poses"]), animator.config.scheduler),
                    "seconds": round(time.perf_counter() - t0, 2),
                    "agreement": frame_metrics(frames, refs[c.guidance])}
