@@ -326,3 +326,30 @@ def test_agreement_frontier_rows(tiny_eval):
     assert [r["unet_evaluations"] for r in rows] == [6, 6, 3]
     assert rows[1]["agreement"]["psnr"] == 100.0  # DDIM-3 is the reference itself
     assert rows[2]["agreement"]["psnr"] < 100.0 and "truth" in rows[2]
+
+
+def test_agreement_frontier_takes_a_pil_reference_of_any_size(tiny_eval):
+    # The example's reference image is read as `aa-trt run` reads it: a PIL image of its own size,
+    # the output size given beside it. Same rows as the array form at that size.
+    from PIL import Image
+
+    from aa_trt.pipeline import Animator
+    from aa_trt.training.evaluate import agreement_frontier
+
+    ckpt, _ = tiny_eval
+    anim = Animator.from_pretrained(ckpt)
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    poses = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    configs = [SampleOptions(steps=2, guidance=1.0, timestep_power=2.0)]
+    as_array = agreement_frontier(anim, [{"name": "a", "ref": arr, "poses": poses, "seed": 2, "true": None}],
+                                  configs, reference_steps=3, progress=False)
+    as_pil = agreement_frontier(anim, [{"name": "a", "ref": Image.fromarray(arr), "size": (32, 32),
+                                        "poses": poses, "seed": 2, "true": None}],
+                                configs, reference_steps=3, progress=False)
+    assert as_pil[1]["agreement"]["psnr"] == pytest.approx(as_array[1]["agreement"]["psnr"], abs=1e-6)
+    assert as_pil[1]["agreement"]["psnr"] < 100.0
+    wide = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    rows = agreement_frontier(anim, [{"name": "w", "ref": wide, "size": (32, 32), "poses": poses, "seed": 2,
+                                      "true": None}], configs, reference_steps=3, progress=False)
+    assert np.isfinite(rows[1]["agreement"]["psnr"])

@@ -210,8 +210,9 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
     """Agreement with the converged render for many sampling options at once, each video's
     conditioning and every reference render computed once.
 
-    videos: dicts {"name", "ref" uint8 (H, W, 3), "poses" uint8 (N, H, W, 3), "seed", "true"
-    uint8 (N, H, W, 3) or None}; configs: SampleOptions (seed ignored: each video's own). For each
+    videos: dicts {"name", "ref" uint8 (H, W, 3) (or a PIL image of any size with "size": the
+    output (W, H)), "poses" uint8 (N, H, W, 3) (or PoseFrames), "seed", "true" uint8 (N, H, W, 3)
+    or None}; configs: SampleOptions (seed ignored: each video's own). For each
     video and guidance scale the reference is DDIM-`reference_steps` with CFG at every step from
     the same noise. Rows (one per video and config): agreement PSNR/SSIM against it, ground-truth
     metrics where `true` is given, UNet evaluations, seconds. `out`: a JSON-lines file each row is
@@ -223,8 +224,12 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
 
     rows = []
     for v in videos:
-        h, w = v["ref"].shape[:2]
-        cond = animator.prepare(Image.fromarray(v["ref"]), v["poses"], w, h)
+        ref = v["ref"]
+        if isinstance(ref, Image.Image):  # any size, as `aa-trt run` reads it (CLIP sees all of it)
+            img, (w, h) = ref, v["size"]
+        else:
+            img, (h, w) = Image.fromarray(ref), ref.shape[:2]
+        cond = animator.prepare(img, v["poses"], w, h)
         noise = animator.initial_latents(cond, v["seed"])
         refs = {}
         for c in configs:
