@@ -1,4 +1,4 @@
-"""THREADS=2 PYTHONPATH=. python docs/samplers/power_frontier.py example|heldout OUT.jsonl [GUIDANCE] [DATA]
+"""THREADS=2 PYTHONPATH=. python docs/samplers/power_frontier.py example|heldout|guard OUT.jsonl [GUIDANCE] [DATA]
 
 The timestep-power frontier of docs/samplers.md: DDIM and DPM-Solver++(2M) at few steps with
 power-spaced timesteps (`SampleOptions.timestep_power`), scored against DDIM-100 of the same noise
@@ -6,7 +6,8 @@ and guidance scale (the default spacing, CFG at every step), embedded model, fp3
 example: examples/ref.png + examples/dance.mp4, 24 frames, poses from `aa-trt run`'s own pose
 stage. heldout: the first video of test_characters and of test_motions of DATA (default
 /tmp/dst/synth128, made by `aa-trt data synth --out DATA --videos 40 --size 128 --frames 24
---format npz --seed 0`), frames 1-12 driven by their exact poses, reference = frame 0."""
+--format npz --seed 0`), frames 1-12 driven by their exact poses, reference = frame 0.
+guard: every video of both held-out splits (8), the few candidate options only (the truth guard)."""
 import json, os, sys
 from pathlib import Path
 import numpy as np, torch
@@ -33,7 +34,7 @@ else:
     root = Path(sys.argv[4] if len(sys.argv) > 4 else "/tmp/dst/synth128")
     videos = []
     for split in ("test_characters", "test_motions"):
-        e = json.load(open(root / f"{split}.json"))[0]
+      for e in json.load(open(root / f"{split}.json"))[:None if which == "guard" else 1]:
         with np.load(root / e["npz_path"]) as d:
             videos.append({"name": e["npz_path"], "ref": d["frames"][0], "poses": d["poses"][1:13],
                            "true": d["frames"][1:13], "seed": 0})
@@ -53,6 +54,9 @@ for steps in (5, 8, 10):
         plan.append(c("ddim", steps, 3.5, power))
     plan.append(c("dpmpp_2m", steps, 3.5, 2.0))
 plan.append(c("ddim", 20, 3.5))
+if which == "guard":
+    plan = [c("ddim", 20, 1.0), c("ddim", 10, 1.0, 1.5), c("ddim", 10, 1.0, 2.0), c("dpmpp_2m", 5, 1.0, 3.0),
+            c("ddim", 20, 3.5), c("ddim", 8, 3.5, 1.5), c("ddim", 8, 3.5, 2.0), c("ddim", 10, 3.5, 2.0)]
 if only is not None:
     plan = [p for p in plan if p.guidance == only]
 agreement_frontier(anim, videos, plan, 100, out=out, progress=False)
