@@ -60,6 +60,7 @@ class PageSettings:
     steps: float | None = None      # None (an empty field): the checkpoint's (a distilled student's fewer)
     guidance: float | None = None   # None (an empty field): the checkpoint's
     sampler: str = "ddim"
+    timestep_power: float | None = None  # None or 0: the checkpoint's spacing (Moore-exact)
     random_seed: bool = True
     seed: float | None = 0
     width: float | None = None      # None or 0: from the reference's aspect ratio
@@ -94,6 +95,8 @@ class PageSettings:
               "align": bool(self.align), "dtype": self.dtype}
         if self.guidance is not None:
             kw["guidance"] = float(self.guidance)
+        if self.timestep_power:
+            kw["timestep_power"] = float(self.timestep_power)
         kw["seed"] = None if self.random_seed else whole("seed", self.seed, 0)
         return kw
 
@@ -289,6 +292,8 @@ def build(app: PageApp):
                         guidance = gr.Number(label=f"guidance (the model's: {app.config.guidance:g})",
                                              value=app.config.guidance, minimum=0, elem_id="aa-guidance")
                         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", elem_id="aa-sampler")
+                        timestep_power = gr.Number(label="timestep power (0: the model's spacing; 2-3: fewer steps)",
+                                                   value=0, minimum=0, elem_id="aa-timestep-power")
                     with gr.Row():
                         random_seed = gr.Checkbox(label="random seed", value=True, elem_id="aa-random")
                         seed = gr.Number(label="seed (when not random)", value=0, precision=0, elem_id="aa-seed")
@@ -324,11 +329,11 @@ def build(app: PageApp):
                 pose_out = gr.Video(label="Pose preview (source | skeleton)", interactive=False,
                                     elem_id="aa-pose", height=220)
 
-        settings_inputs = [steps, guidance, sampler, random_seed, seed, width, height, context_frames,
+        settings_inputs = [steps, guidance, sampler, timestep_power, random_seed, seed, width, height, context_frames,
                            context_overlap, context_schedule, frames, stride, start, align, dtype]
 
         def settings_of(values) -> PageSettings:
-            names = ("steps", "guidance", "sampler", "random_seed", "seed", "width", "height",
+            names = ("steps", "guidance", "sampler", "timestep_power", "random_seed", "seed", "width", "height",
                      "context_frames", "context_overlap", "context_schedule", "frames", "stride",
                      "start", "align", "dtype")
             return PageSettings(**dict(zip(names, values)))

@@ -49,6 +49,13 @@ def test_settings_map_onto_run_options():
     with pytest.raises(OptionError) as e:
         PageSettings(steps=2.5).options()
     assert e.value.param == "steps"
+    assert "timestep_power" not in PageSettings(timestep_power=0).options()  # 0: the model's spacing
+    assert PageSettings(timestep_power=2.5).options()["timestep_power"] == 2.5
+    with pytest.raises(OptionError) as e:  # the library checks it, naming the parameter
+        from aa_trt.run import RunOptions
+        RunOptions.create(ref=Path("r.png"), driving=Path("d.mp4"), output=Path("o.mp4"),
+                          **PageSettings(timestep_power=11).options())
+    assert e.value.param == "timestep_power"
 
 
 def test_missing_gradio_says_how_to_install(monkeypatch):
