@@ -1,5 +1,5 @@
 import sys
 
-from aa_trt.cli import main
+from aa_trt.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -7,7 +7,8 @@ example: examples/ref.png + examples/dance.mp4, 24 frames, poses from `aa-trt ru
 stage. heldout: the first video of test_characters and of test_motions of DATA (default
 /tmp/dst/synth128, made by `aa-trt data synth --out DATA --videos 40 --size 128 --frames 24
 --format npz --seed 0`), frames 1-12 driven by their exact poses, reference = frame 0.
-guard: every video of both held-out splits (8), the few candidate options only (the truth guard)."""
+guard: every video of both held-out splits (8), the few candidate options only (the truth guard).
+PLAN=few (environment): DPM-Solver++(2M) at 3 and 4 steps with powers 3..5 instead (session 20)."""
 import json, os, sys
 from pathlib import Path
 import numpy as np, torch
@@ -57,6 +58,9 @@ plan.append(c("ddim", 20, 3.5))
 if which == "guard":
     plan = [c("ddim", 20, 1.0), c("ddim", 10, 1.0, 1.5), c("ddim", 10, 1.0, 2.0), c("dpmpp_2m", 5, 1.0, 3.0),
             c("ddim", 20, 3.5), c("ddim", 8, 3.5, 1.5), c("ddim", 8, 3.5, 2.0), c("ddim", 10, 3.5, 2.0)]
+if os.environ.get("PLAN") == "few":  # fewer than 5 evaluations: 2M at 3-4 steps, larger powers (session 20)
+    plan = [c("dpmpp_2m", steps, 1.0, power) for steps in (3, 4) for power in (3.0, 3.5, 4.0, 5.0)]
+    plan += [c("ddim", 20, 1.0), c("dpmpp_2m", 5, 1.0, 3.0)]
 if only is not None:
     plan = [p for p in plan if p.guidance == only]
 agreement_frontier(anim, videos, plan, 100, out=out, progress=False)
