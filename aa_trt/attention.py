@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 # Which implementation runs the attention (and GroupNorm + SiLU) below (`set_backend`):
 #   "auto":   the Triton kernels on CUDA fp16/bf16 tensors when triton imports and the head dim is
-#             supported; SDPA (and F.group_norm + F.silu) otherwise (so on CPU nothing changes);
-#   "sdpa":   never the kernels;
+#             supported; SDPA (and F.group_norm + F.silu) otherwise, except `short_attention`
+#             for short sequences on the CPU;
+#   "sdpa":   never the kernels, and SDPA for every attention (not `short_attention` on the CPU);
 #   "triton": the kernels for every call they support, on any device (CPU tensors need
 #             TRITON_INTERPRET=1: the tests run whole blocks through the kernels that way).
 # Autograd, tracing, torch.compile and ONNX export always take the plain path (the kernels are
@@ -30,6 +31,10 @@ _backend = "auto"
 # never built on costs one warning, not the run. Explicit "triton" raises instead.
 _failed: dict[str, str] = {}
 TEMPORAL_MAX_FRAMES = 32  # sequences this short go to the temporal kernel
+# On the CPU ("auto"), attention with at most this many queries and keys (the motion modules'
+# frames) runs as two batched matmuls and a softmax (`short_attention`): the flash SDPA kernel's
+# blocking costs more than the work there (16 frames: 2.5-4x slower, docs/performance.md).
+SHORT_SEQUENCE = 32
 
 
 def set_backend(name: str) -> str:
@@ -130,15 +135,42 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The plain path: torch's SDPA.  q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                         split_heads(v, heads))
+    return merge_heads(out)
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """`sdpa_attention` as matmul, softmax, matmul: faster on the CPU for a few queries and keys
+    (SHORT_SEQUENCE); the (n, m) scores are materialised, so not for long sequences.
+    q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    scores = (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5  # (b, h, n, m)
+    return merge_heads(scores.softmax(-1) @ vh)
+
+
+def _is_short(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `_torch_attention` takes `short_attention`: CPU tensors under "auto", few queries
+    and keys, and not while tracing or exporting (graphs keep SDPA's form)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    return (_backend == "auto" and q.device.type == "cpu"
+            and q.shape[1] <= SHORT_SEQUENCE and k.shape[1] <= SHORT_SEQUENCE)
+
+
+def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    return short_attention(q, k, v, heads) if _is_short(q, k) else sdpa_attention(q, k, v, heads)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v.  q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
     if q.shape[1] == k.shape[1] <= TEMPORAL_MAX_FRAMES and _use_kernels("temporal", q, heads, k, v):
         out = _run_kernel("temporal", _kernels()[1].temporal_attention, q, k, v, heads)
         if out is not None:  # short sequences: motion modules
             return out
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
-                                         split_heads(v, heads))
-    return merge_heads(out)
+    return _torch_attention(q, k, v, heads)
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,9 +236,7 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
             return out
     if bias_q is not None:
         q, k, v = q + bias_q[:f].to(q.dtype), k + bias_k[:f].to(k.dtype), v + bias_v[:f].to(v.dtype)
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
-                                         split_heads(v, heads))
-    return merge_heads(out)
+    return _torch_attention(q, k, v, heads)
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,

@@ -58,10 +58,16 @@ def moore_self_attention(block: TransformerBlock, x: torch.Tensor, ref) -> torch
 @contextlib.contextmanager
 def moore_attention(unet):
     """While active, the UNet's transformer blocks compute attn1 Moore's way whenever they get a
-    MooreReferenceState (any other state keeps aa-trt's path). Restored on exit."""
+    MooreReferenceState (any other state keeps aa-trt's path), attn2 as diffusers does (query
+    projection and attention even for a one-token context), and every attention through SDPA
+    (diffusers' AttnProcessor2_0; aa-trt's CPU matmul path for short sequences is off). Restored
+    on exit."""
+    from aa_trt import attention as attn_math
+
     blocks = unet.transformer_blocks()
     # An instance attribute may already shadow the method (another wrapper): put it back as found.
     saved = [block.__dict__.get("self_attention") for block in blocks]
+    saved_cross = [block.__dict__.get("cross_attention") for block in blocks]
 
     def patch(block):
         original = block.self_attention
@@ -73,16 +79,24 @@ def moore_attention(unet):
 
         block.self_attention = types.MethodType(self_attention, block)
 
+        def cross_attention(self, x, context):
+            return self.attn2(self.norm2(x), context)
+
+        block.cross_attention = types.MethodType(cross_attention, block)
+
+    backend = attn_math.set_backend("sdpa")
     try:
         for block in blocks:
             patch(block)
         yield unet
     finally:
-        for block, previous in zip(blocks, saved):
-            if previous is None:
-                del block.self_attention
-            else:
-                block.self_attention = previous
+        attn_math.set_backend(backend)
+        for name, saved_methods in (("self_attention", saved), ("cross_attention", saved_cross)):
+            for block, previous in zip(blocks, saved_methods):
+                if previous is None:
+                    delattr(block, name)
+                else:
+                    setattr(block, name, previous)
 
 
 @dataclass
@@ -110,7 +124,8 @@ def moore_banks(animator: Animator, ref_latent: torch.Tensor, clip_embeds: torch
         ctx = torch.cat([torch.zeros_like(ctx), ctx])
     x = ref_latent.expand(ctx.shape[0], -1, -1, -1)
     state = ReferenceState(bank=[])
-    refnet(x, 0, ctx, ref=state)
+    with moore_attention(refnet):  # attn2 and SDPA as diffusers computes them
+        refnet(x, 0, ctx, ref=state)
     return [quantize_bank(bank, animator.config.bank_dtype) for bank in state.bank]
 
 

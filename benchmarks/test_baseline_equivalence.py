@@ -58,9 +58,16 @@ def test_uncond_half_ignores_bank_row_0(tiny_animator):
 
 def test_moore_attention_restores_the_blocks(tiny_animator):
     unet = tiny_animator.models.denoising_unet
+    from aa_trt import attention as attn_math
+
+    before = attn_math.get_backend()
     with moore_attention(unet):
-        assert all("self_attention" in b.__dict__ for b in unet.transformer_blocks())
-    assert not any("self_attention" in b.__dict__ for b in unet.transformer_blocks())
+        assert all("self_attention" in b.__dict__ and "cross_attention" in b.__dict__
+                   for b in unet.transformer_blocks())
+        assert attn_math.get_backend() == "sdpa"
+    assert not any("self_attention" in b.__dict__ or "cross_attention" in b.__dict__
+                   for b in unet.transformer_blocks())
+    assert attn_math.get_backend() == before
 
 
 def test_meta_flop_count_equals_cpu_count():

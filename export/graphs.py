@@ -33,8 +33,9 @@ OUTPUTS = {"clip": ("image_embeds",), "vae_encoder": ("latent",), "vae_decoder":
 KV_INPUTS, KV_OUTPUTS = ("unet_cond",), ("reference_kv",)
 # In every graph's key (describe): bumped when the exported computation changes for the same
 # weights and names, so that older graphs are exported again. 2: the UNet's timestep embedding
-# takes sin/cos before any reshape of the timestep (models.layers.timestep_embedding).
-GRAPH_REVISION = 2
+# takes sin/cos before any reshape of the timestep (models.layers.timestep_embedding). 3: the
+# cross-attention of a one-token context is to_out(to_v(context)) (TransformerBlock.cross_attention).
+GRAPH_REVISION = 3
 
 
 def kv_name(kind: str, block: int) -> str:

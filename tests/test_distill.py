@@ -284,10 +284,14 @@ def test_resume_reproduces_an_uninterrupted_run(files, tmp_path):
 
 # ------------------------------------------------------------------------------------ the student
 def test_the_exported_student_declares_its_steps_and_run_uses_them(files, tmp_path, capsys):
+    from aa_trt import attention
+
     out = tmp_path / "student"
+    backend = attention.get_backend()
     assert cli(["train", "--stage", "distill", "--init", str(files["teacher"]), "--data", str(files["data"]),
                 "--out", str(out), "--student-steps", "3", "--guidance", "2.5", "--steps", "1", "--batch", "1",
                 "--frames", "2", "--device", "cpu", "--quiet"]) == 0
+    assert attention.get_backend() == backend  # training's plain path ends with it: the run below renders as run does
     ckpt = out / "model.safetensors"
     m = load_checkpoint(ckpt)
     teacher = load_checkpoint(files["teacher"])

@@ -436,11 +436,12 @@ def train(opts: TrainOptions, progress: bool = True, trainer: type[Trainer] = Tr
     # Training hands reference attention one K/V row per frame row (each sample has its own
     # reference); the fused kernels read one shared (1, m, c) reference, and would be picked for
     # blocks whose inputs need no gradient (stage 2, before the first motion module). Plain path.
-    if hasattr(attention, "set_backend"):
-        attention.set_backend("sdpa")
+    # Restored afterwards: a program that trains and then renders (the tests do) renders with its own.
+    previous = attention.set_backend("sdpa")
     # The process group of every torchrun job (aa_trt.dist): gloo on CPU, NCCL on CUDA.
     started = D.init_process_group(str(_device(opts.device, int(os.environ.get("LOCAL_RANK", 0)))))
     try:
         return trainer(opts).run(progress)
     finally:
+        attention.set_backend(previous)
         D.shutdown(started)

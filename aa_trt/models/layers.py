@@ -117,6 +117,12 @@ class Attention(nn.Module):
         out = attn_math.attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
         return self.to_out[0](out)
 
+    def one_token(self, context: torch.Tensor) -> torch.Tensor:
+        """`forward(x, context)` when the context is a single token, for any x: the softmax over
+        one score is exactly 1, so every query receives that token's value. context (n, 1, d) ->
+        (n, 1, dim), broadcast over the queries by the caller; no query projection, no attention."""
+        return self.to_out[0](self.to_v(context))
+
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
@@ -223,8 +229,19 @@ class TransformerBlock(nn.Module):
             if ref.bank_limit is not None and len(ref.bank) >= ref.bank_limit:
                 raise BankComplete
         x = x + self.self_attention(h, ref)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.cross_attention(x, context)
         return x + self.ff(self.norm3(x))
+
+    def cross_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x (n, L, c), context (n, S, d) -> (n, L, c), or (n, 1, c) to broadcast when S = 1.
+        # Animate Anyone's context is one CLIP image token: attn2 is then the same vector for
+        # every token of a frame (Attention.one_token), and its query projection, attention and
+        # per-token output projection (2 L c^2 multiply-adds a row) are skipped. Under autograd
+        # (training) the attention runs as written: to_q, to_k and norm2 then get their gradients
+        # (zero), and the optimiser treats them as the training recipe always has (weight decay).
+        if context.shape[1] == 1 and not torch.is_grad_enabled():
+            return self.attn2.one_token(context)
+        return self.attn2(self.norm2(x), context)
 
 
 class SpatialTransformer(nn.Module):
