@@ -85,6 +85,11 @@ def failed_kernels() -> dict[str, str]:
     return dict(_failed)
 
 
+def _tracing() -> bool:
+    """Tracing, compiling or exporting: the graph must keep the plain form."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
 def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
@@ -98,7 +103,7 @@ def _backend_allows(x: torch.Tensor, *tensors: torch.Tensor | None, kernel: str 
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+    if _tracing():
         return False
     if _backend == "auto":
         return x.dtype in (torch.float16, torch.bfloat16) and _kernels() is not None
@@ -154,7 +159,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
 def _is_short(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `_torch_attention` takes `short_attention`: CPU tensors under "auto", few queries
     and keys, and not while tracing or exporting (graphs keep SDPA's form)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+    if _tracing():
         return False
     return (_backend == "auto" and q.device.type == "cpu"
             and q.shape[1] <= SHORT_SEQUENCE and k.shape[1] <= SHORT_SEQUENCE)

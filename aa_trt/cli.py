@@ -632,8 +632,8 @@ def entry() -> int:
     `import torch` leaves ~10^5 objects that live until exit. Every full collection walks them
     all: during the run, and once more at interpreter exit. Frozen (gc.freeze: moved to a
     generation the collector never visits), they are still freed as usual, but not walked: the
-    README command measured 3.6 -> 3.2 s whole-process on 2 AMD EPYC cores (docs/performance.md,
-    "Start-up and exit"). Only the process's own entry does this: a program calling `main` many
+    README command's 5-step preset measured 3.93 -> 3.63 s whole-process on 2 AMD EPYC cores
+    (docs/performance.md, "Start-up and exit"). Only the process's own entry does this: a program calling `main` many
     times keeps its collector as it was."""
     import gc
 
