@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import runpy
-import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -197,7 +195,7 @@ def test_decoder_only_finetune_changes_the_decoder_and_nothing_else(data, tmp_pa
     rec = json.loads(read_metadata(again / "model.safetensors")["provenance"])["decoder_finetune"]
     assert rec["step"] == 1 and rec["continues"]["step"] == 3 and "continues" not in rec["continues"]
 
-    # docs/training/graft_decoder.py moves the fine-tuned decoder onto a checkpoint with the same encoder,
+    # tools/graft_decoder.py moves the fine-tuned decoder onto a checkpoint with the same encoder,
     # and refuses one whose encoder differs.
     grafted = tmp_path / "grafted.safetensors"
     run_graft(init, out / "model.safetensors", grafted)
@@ -217,9 +215,8 @@ def test_decoder_only_finetune_changes_the_decoder_and_nothing_else(data, tmp_pa
 
 
 def run_graft(*args):
-    script = Path(__file__).resolve().parents[1] / "docs" / "training" / "graft_decoder.py"
-    with mock.patch.object(sys, "argv", [str(script), *map(str, args)]):
-        runpy.run_path(str(script), run_name="__main__")
+    script = Path(__file__).resolve().parents[1] / "tools" / "graft_decoder.py"
+    runpy.run_path(str(script))["main"]([str(a) for a in args])
 
 
 @pytest.mark.parametrize("argv, needle", [
