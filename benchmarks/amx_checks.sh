@@ -1,20 +1,16 @@
 #!/usr/bin/env bash
-# Issue 21's speed bars need a CPU with AMX; the development machines and CI here have had none
-# (AMD EPYC, avx512_bf16 only). A device machine's host CPU may (Xeons with AMX are the usual
-# hosts of H100/H200 cards): this measures there, on the CPU only, in one device call of about
-# 6 minutes:
+# The CPU speed targets for a CPU with AMX (`--dtype auto` >= 4x and the OpenVINO engine >= 5x the
+# Moore-style fp32 pipeline), in about 6 minutes, on the CPU only:
 #   0. the CPU: model, flags, and whether oneDNN really runs AMX under this kernel (a bf16 matmul's
-#      GFLOP/s against fp32's: the issue measured 308 -> 1523 on 2 AMX threads);
+#      GFLOP/s against fp32's: AMX gives ~5x);
 #   1. benchmarks/test_precision_speed.py: the whole pipeline at sd15 half widths, Moore-style fp32
-#      against aa-trt fp32, `--dtype auto` and the OpenVINO engine, same rounds (the bars: auto
-#      >= 4x, OpenVINO >= 5x).
-# A host without amx_bf16 stops after step 0 (exit 0) and says so.
+#      against aa-trt fp32, `--dtype auto` and the OpenVINO engine, same rounds.
+# A host without amx_bf16 stops after step 0 (exit 0) and says so (FORCE=1 runs step 1 anyway).
 #
-# Usage, from a session that is lent a device machine:
-#   bash benchmarks/amx_wheels.sh                                  # here: OpenVINO's wheel into .whl/
-#   device run, carry [".whl"], timeout_s 600: bash benchmarks/amx_session.sh
-#   (THREADS=N: the cores used, default 8; ROUNDS=N, default 2)
-# Then copy $OUT's results JSON into benchmarks/results/ and the table into docs/performance.md.
+# Usage, from the repository root:  bash benchmarks/amx_checks.sh
+#   THREADS=N: the cores used (default 8); ROUNDS=N (default 2). Logs and results JSON go to $OUT
+#   (default ./amx_out). On a machine without network, first run benchmarks/amx_wheels.sh where pip
+#   reaches an index and copy the .whl/ folder along with the checkout.
 set -uo pipefail
 OUT=${OUT:-$PWD/amx_out}
 mkdir -p "$OUT"
@@ -32,7 +28,7 @@ command -v taskset > /dev/null || PIN=""
     > "$OUT/cpu.txt" 2>&1
 grep -E "Model name|^nproc|^ +[0-9]+ (amx|avx512)" "$OUT/cpu.txt"
 if ! grep -qw amx_bf16 /proc/cpuinfo && [ -z "${FORCE:-}" ]; then
-    echo "no amx_bf16 on this host: issue 21's AMX bars cannot be measured here"
+    echo "no amx_bf16 on this host: the AMX speed targets cannot be measured here"
     exit 0
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then

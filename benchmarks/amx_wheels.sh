@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Run on the development machine (where pip reaches an index) before `benchmarks/amx_session.sh`:
-# downloads OpenVINO's wheel for the device image's Python (3.12; the image has no openvino) into
-# .whl/ (git ignores it), ~50 MB of the device call's 64 MiB carry.
+# Where pip reaches an index, before `benchmarks/amx_checks.sh` runs on a machine without network:
+# downloads OpenVINO's wheel for Python 3.12 (manylinux x86_64) into .whl/ (git ignores it, ~50 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

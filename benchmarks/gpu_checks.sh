@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Everything here that needs a CUDA GPU, in one device call of about 8 minutes:
-#   1. the CUDA tests (Triton kernels on the GPU at SD1.5 shapes, the whole step with kernels
-#      against the plain path, --offload memory, CUDA graph against eager);
-#   2. the CUDA benchmarks (sd15 step against the Moore-style step in bf16 with MFU, CUDA graphs
-#      on/off, each kernel against SDPA / F.group_norm + F.silu).
-# Logs and the results JSON land in $OUT (the device tool's folder) or ./gpu_out.
+# Everything that needs a CUDA GPU, in about 8 minutes on one card:
+#   1. the CUDA tests (Triton kernels at SD1.5 shapes, the whole step with kernels against the plain
+#      path, --offload memory, CUDA graph against eager) and the kernels' compile report for this card;
+#   2. the CUDA benchmarks (sd15 step against the Moore-style step in bf16 with MFU, CUDA graphs on/off,
+#      each kernel against SDPA / F.group_norm + F.silu).
+# Logs and the results JSON go to $OUT (default ./gpu_out).
 #
-# Usage, from a session that is lent a GPU:
-#   bash benchmarks/gpu_wheels.sh                                    # here: fetch diffusers' wheel
-#   device run, carry [".whl"], timeout_s 600: bash benchmarks/gpu_session.sh
-# Then copy $OUT's results JSON into benchmarks/results/ and commit it.
+# Usage, from the repository root of a checkout on the GPU machine:
+#   bash benchmarks/gpu_checks.sh
+# On a machine without network, first run benchmarks/gpu_wheels.sh where pip reaches an index and copy
+# the .whl/ folder it fills along with the checkout: the wheels found there are installed first.
+# Copy the results JSON into benchmarks/results/ to keep it.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run on the development machine (where pip reaches an index) before a device call: downloads the
-# pure-Python wheels that the GPU image lacks (diffusers and its importlib_metadata) into .whl/,
-# which git ignores and `benchmarks/gpu_session.sh` installs when the call carries it.
+# Where pip reaches an index, before `benchmarks/gpu_checks.sh` runs on a machine without network:
+# downloads the pure-Python wheels a bare GPU image may lack (diffusers, for the whole-model tests, and
+# importlib_metadata) into .whl/, which git ignores and gpu_checks.sh installs when it is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
