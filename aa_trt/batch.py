@@ -6,10 +6,17 @@ relative to the jobs file's folder. Job i (0-based, blank lines and lines starti
 counted) runs on rank i % world; each rank runs its jobs one after another in one process.
 
 A job whose output exists is skipped: that is what makes a batch resumable (outputs appear only
-when complete, see files.atomic_output). Each job's state goes to its own file,
+when complete, see files.atomic_output), and a result already there is never replaced; with
+`overwrite` the jobs whose output exists but whose status record does not say this batch finished
+it render again and replace it. Before any job runs, every job's output is checked against every
+job's inputs and the jobs file (files.guard_outputs): one that is, contains or lies inside an input
+refuses the whole batch. Each job's state goes to its own file,
 JOBS.status/job-00000.json (written atomically, so no locking between processes): running, done,
 skipped, failed (with the error) or interrupted. A failed job does not stop the batch; it runs
-again on the next start (it has no output). The exit code is 1 if any job failed.
+again on the next start (it has no output). The exit code is 1 if any job failed, 3 if a job
+failed because a file could not be written or read (disk full, read-only...). The status records
+are the batch's notes, not its results: one the disk cannot take is left out (the output, when it
+is written, still tells the next start that the job is done).
 """
 from __future__ import annotations
 
@@ -20,8 +27,8 @@ import traceback
 from pathlib import Path
 
 from aa_trt import dist as D
-from aa_trt.errors import AATrtError, InputError
-from aa_trt.files import remove_stale_partials, write_json
+from aa_trt.errors import AATrtError, InputError, StorageError
+from aa_trt.files import clash, remove_stale_partials, write_json
 
 PATH_FIELDS = ("ref", "driving", "output", "ckpt", "engine", "dwpose")
 REQUIRED = ("ref", "driving", "output")
@@ -38,8 +45,12 @@ def status_path(folder: Path, index: int) -> Path:
 
 
 def write_status(path: Path, record: dict) -> None:
-    """Atomic (files.atomic_output): readers never see half a record."""
-    write_json(path, record, indent=None)
+    """Atomic (files.atomic_output): readers never see half a record. A record the disk cannot
+    take (full, read-only) is left out: the outputs are the batch's results, not these notes."""
+    try:
+        write_json(path, record, indent=None)
+    except StorageError:
+        pass
 
 
 def read_status(path: Path) -> dict | None:
@@ -74,7 +85,7 @@ def job_options(job: dict, base: Path, defaults: dict):
     from aa_trt.options import SampleOptions
     from aa_trt.run import RunOptions
 
-    fields = (set(RunOptions.fields()) | set(SampleOptions.fields())) - {"sample", "quiet", "parallel"}
+    fields = (set(RunOptions.fields()) | set(SampleOptions.fields())) - {"sample", "quiet", "parallel", "overwrite"}
     # The batch's own defaults (command-line flags) are relative to the working folder, the
     # job's paths to the jobs file's folder.
     kw = {k: (Path(v).absolute() if k in PATH_FIELDS else v) for k, v in defaults.items() if v is not None}
@@ -93,9 +104,42 @@ def job_options(job: dict, base: Path, defaults: dict):
     return RunOptions.create(**kw)
 
 
+INPUT_NAMES = {"ref": "reference image", "driving": "driving video", "ckpt": "checkpoint",
+               "engine": "engine folder", "dwpose": "DWPose folder"}
+
+
+def _job_paths(job: dict, base: Path, defaults: dict) -> dict[str, Path]:
+    """The job's files as job_options resolves them (any line that names them, valid or not)."""
+    out = {k: Path(v).absolute() for k, v in defaults.items() if k in PATH_FIELDS and v is not None}
+    for key, value in job.items():
+        name = key.replace("-", "_")
+        if name in PATH_FIELDS and isinstance(value, str) and value:
+            p = Path(os.path.expanduser(value))
+            out[name] = p if p.is_absolute() else base / p
+    return out
+
+
+def check_outputs(jobs_path: Path, jobs: list, defaults: dict) -> None:
+    """Before any job: no job's output is, contains or lies inside the jobs file or any job's
+    input (InputError naming the line: the whole batch is refused)."""
+    paths = [(line, _job_paths(job, jobs_path.parent, defaults)) for line, job in jobs if isinstance(job, dict)]
+    inputs = [("jobs file", jobs_path)]
+    for line, p in paths:
+        inputs += [(f"{INPUT_NAMES[k]} of line {line}", v) for k, v in p.items() if k in INPUT_NAMES]
+    for line, p in paths:
+        if "output" not in p:
+            continue
+        for what, inp in inputs:
+            how = clash(p["output"], inp)
+            if how is not None:
+                raise InputError(f"{jobs_path}:{line}: output {p['output']} {how} the {what} ({inp}); "
+                                 f"an output never replaces an input: choose another output")
+
+
 def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = None,
-              print_fn=print) -> dict:
-    """Run this rank's share of the jobs; returns the summary over all ranks (gathered)."""
+              print_fn=print, overwrite: bool = False) -> dict:
+    """Run this rank's share of the jobs; returns the summary over all ranks (gathered).
+    `overwrite`: render again jobs whose output exists without a record of this batch's."""
     jobs_path = Path(jobs_path)
     started = D.init_process_group("cpu", backend="gloo", timeout_s=BATCH_TIMEOUT_S, timeout_env=BATCH_TIMEOUT_ENV)
     try:
@@ -119,17 +163,19 @@ def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = Non
                 except AATrtError as e:
                     opts = InputError(f"{jobs_path}:{line}: {e}")
             planned.append((i, line, opts))
+        check_outputs(jobs_path, jobs, defaults or {})
         cache: dict = {}
         for i, line, opts in planned:
             if i % world != rank:
                 continue
-            state, detail = _one(i, line, opts, status_path(folder, i), rank, cache)
+            state, detail = _one(i, line, opts, status_path(folder, i), rank, cache, overwrite)
             counts[state] += 1
             if state == "failed":
-                failures.append({"job": i, "line": line, "error": detail})
+                failures.append({"job": i, "line": line, "error": str(detail),
+                                 "storage": isinstance(detail, StorageError)})
             if state != "skipped":
                 where = f"[rank {rank}] " if world > 1 else ""
-                print_fn(f"{where}job {i} (line {line}): {state}" + (f": {detail}" if detail else ""))
+                print_fn(f"{where}job {i} (line {line}): {state}" + (f": {detail}" if str(detail) else ""))
         parts = D.all_gather_object({"rank": rank, "counts": counts, "failures": failures})
     finally:
         D.shutdown(started)
@@ -138,19 +184,27 @@ def run_batch(jobs_path, defaults: dict | None = None, status: Path | None = Non
     return {"jobs": len(jobs), **total, "failures": fails, "status": str(folder), "world_size": world}
 
 
-def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[str, str]:
+def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict,
+         overwrite: bool = False) -> tuple[str, str | AATrtError]:
+    import dataclasses
+
+    from aa_trt.files import finished_result
     from aa_trt.run import run
 
     base = {"job": i, "line": line, "rank": rank, "pid": os.getpid()}
     if isinstance(opts, Exception):
         write_status(path, {**base, "state": "failed", "error": str(opts), "finished": time.time()})
-        return "failed", str(opts)
+        return "failed", opts
     base["output"] = str(opts.output)
-    if opts.output.is_file() or (opts.output.is_dir() and any(opts.output.iterdir())):
-        old = read_status(path)
+    old = read_status(path)
+    ours = bool(old and old.get("state") == "done" and old.get("output") == str(opts.output))
+    exists = opts.output.is_file() or (opts.output.is_dir() and finished_result(opts.output))
+    if exists and (ours or not overwrite):
         if not (old and old.get("state") in ("done", "skipped") and old.get("output") == str(opts.output)):
             write_status(path, {**base, "state": "skipped", "reason": "output exists", "finished": time.time()})
         return "skipped", ""
+    if exists:
+        opts = dataclasses.replace(opts, overwrite=True)
     t0 = time.time()
     write_status(path, {**base, "state": "running", "started": t0})
     remove_stale_partials(opts.output)
@@ -167,9 +221,17 @@ def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[s
     try:
         result = run(opts, make_animator=make_animator)
     except AATrtError as e:
-        err = str(e)
+        err = e
+    except OSError as e:  # a read or write the system refused: the batch goes on, the code says it
+        from aa_trt.files import is_storage_failure, storage_error
+
+        if not is_storage_failure(e):
+            err = InputError(f"{type(e).__name__}: {e}")
+            base["traceback"] = traceback.format_exc()
+        else:
+            err = storage_error(e)
     except Exception as e:  # noqa: BLE001 -- one bad job must not stop the batch
-        err = f"{type(e).__name__}: {e}"
+        err = InputError(f"{type(e).__name__}: {e}")
         base["traceback"] = traceback.format_exc()
     except BaseException:
         write_status(path, {**base, "state": "interrupted", "started": t0, "finished": time.time()})
@@ -178,7 +240,7 @@ def _one(i: int, line: int, opts, path: Path, rank: int, cache: dict) -> tuple[s
         write_status(path, {**base, "state": "done", "started": t0, "finished": time.time(),
                             "seconds": round(time.time() - t0, 3), "result": result})
         return "done", ""
-    write_status(path, {**base, "state": "failed", "error": err, "started": t0, "finished": time.time()})
+    write_status(path, {**base, "state": "failed", "error": str(err), "started": t0, "finished": time.time()})
     return "failed", err
 
 

@@ -1,5 +1,7 @@
 """`aa-trt` command line. Each subcommand maps its flags onto a library call; errors a user can
-act on (AATrtError) print as one line and exit 2, an interrupt exits 130."""
+act on (AATrtError) print as one line and exit 2 (bad input) or 3 (a file the system could not
+read or write: disk full, read-only, permission denied, vanished or changed), an interrupt exits
+130."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,7 @@ def _convert(args) -> int:
 
     t = time.perf_counter()
     out = convert_moore(args.moore, args.base, args.output, dtype=args.dtype,
-                        inference_config=args.inference_config, name=args.name)
+                        inference_config=args.inference_config, name=args.name, overwrite=args.overwrite)
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB) in {time.perf_counter() - t:.1f} s")
     return 0
@@ -27,6 +29,7 @@ def _build(args) -> int:
     from aa_trt.export.build import build
     from aa_trt.export.graphs import GRAPHS, BuildShapes
 
+    check_build_output(args)
     width, height = read_config(args.ckpt).default_size
     try:
         shapes = BuildShapes(height=args.height or height, width=args.width or width,
@@ -45,6 +48,52 @@ def _build(args) -> int:
         extra = f", TensorRT engines ({m['precision']['engines']})"
     print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs{extra}) in {m['build_s']:.1f} s")
     return 0
+
+
+def check_build_output(args) -> None:
+    """A build folder is the build's own (its graphs are reused): a new or empty folder, or one
+    with a manifest, is written into; any other folder with files in it only with --overwrite."""
+    from aa_trt.errors import InputError
+    from aa_trt.files import finished_result, guard_outputs
+
+    out = Path(args.output)
+    guard_outputs([(out, False)], [("checkpoint", args.ckpt)])
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; `build` writes a folder of graphs")
+    foreign = finished_result(out) and not (out / "manifest.json").is_file()
+    if foreign and not args.overwrite:
+        raise InputError(f"{out}: exists and is not a build folder (no manifest.json); pass --overwrite "
+                         f"to build into it anyway")
+
+
+TRAIN_FILES = ("model.safetensors", "train_state.pt", "log.jsonl")
+
+
+def check_train_output(args) -> None:
+    """The training folder holds none of the data or initial checkpoint (nor they it); a folder
+    with an earlier training (its state, log or checkpoint) is continued with --resume (when it
+    has a state to continue) and replaced only with --overwrite."""
+    from aa_trt.files import guard_outputs
+
+    out = Path(args.out)
+    guard_outputs([(out, False)], [("training data", args.data), ("initial checkpoint", args.init),
+                                   ("denoised latents", args.denoised)])
+    if out.exists() and not out.is_dir():
+        from aa_trt.errors import InputError
+        raise InputError(f"{out}: is a file; --out is a folder for the state, log and checkpoint")
+    continued = args.resume and (out / "train_state.pt").is_file()
+    earlier = [n for n in TRAIN_FILES if (out / n).exists()]
+    if earlier and not continued and not args.overwrite:
+        from aa_trt.errors import InputError
+        hint = "pass --resume to continue it or --overwrite to start over there" if (out / "train_state.pt").is_file() \
+            else "pass --overwrite to start over there"
+        raise InputError(f"{out}: holds an earlier training ({earlier[0]}); {hint}")
+
+
+def _add_overwrite_flag(p, what: str = "the output"):
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if it exists (never an input; by default a finished result "
+                   "is kept and the command refused)")
 
 
 def _add_clip_flags(p):
@@ -89,7 +138,8 @@ def _batch(args) -> int:
     defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype, "resume": args.resume}
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
-        s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print)
+        s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print,
+                      overwrite=args.overwrite)
     except AATrtError as e:
         from aa_trt.dist import CommunicationError
         if lead or isinstance(e, CommunicationError):
@@ -99,6 +149,8 @@ def _batch(args) -> int:
         print(as_json(s) if args.json else summary_line(s))
         for f in s["failures"]:
             print(f"aa-trt: job {f['job']} (line {f['line']}) failed: {f['error']}", file=sys.stderr)
+    if any(f.get("storage") for f in s["failures"]):
+        return 3  # a file could not be written or read: the same exit code as `run`'s
     return 1 if s["failed"] else 0
 
 
@@ -106,7 +158,7 @@ def _pose(args) -> int:
     from aa_trt.run import pose_preview
 
     return _report(args, pose_preview(args.driving, args.output, args.ref, args.dwpose, args.frames,
-                                      args.stride, args.start, args.quiet))
+                                      args.stride, args.start, args.quiet, overwrite=args.overwrite))
 
 
 def _ui(args) -> int:
@@ -208,6 +260,7 @@ def _train_distill(args) -> int:
 def _train(args) -> int:
     from aa_trt.errors import InputError
 
+    check_train_output(args)
     if args.stage != "distill":
         given = [flag for flag, name in DISTILL_ONLY if getattr(args, name) is not None]
         if given:
@@ -261,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inference-config", metavar="YAML", default=None,
                    help="Moore's inference yaml (motion-module heads, scheduler); default: inference_v2")
     c.add_argument("--name", default="moore-v2", help="model name recorded in the checkpoint")
+    _add_overwrite_flag(c, "the checkpoint")
     c.set_defaults(func=_convert)
 
     b = sub.add_parser("build", help="checkpoint -> checked ONNX graphs (+ TensorRT engines or OpenVINO graphs)",
@@ -294,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tensorrt", choices=("auto", "on", "off"), default=None,
                    help="older spelling: on = --backend tensorrt, off = --backend onnxruntime, "
                    "auto = TensorRT where available, else onnxruntime")
+    b.add_argument("--overwrite", action="store_true",
+                   help="build into a folder that has other files and no manifest.json (a build folder is "
+                   "always updated: its matching graphs are reused)")
     b.set_defaults(func=_build)
 
     r = sub.add_parser("run", help="reference picture + dance video -> mp4 of the character dancing",
@@ -370,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "put the uncond and cond branches on two groups of ranks (guidance; both: the same, "
                    "windows sharded inside each group), or pick the plan with the least work on the "
                    "busiest rank (auto, default). Ignored in a single process")
+    _add_overwrite_flag(r, "the video (or, with --png, the folder's frames)")
     _add_report_flags(r)
     r.set_defaults(func=_run)
 
@@ -391,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(as `run --resume`; a job may also say \"resume\": true)")
     bt.add_argument("--status", type=Path, default=None, metavar="DIR",
                     help="folder for the per-job status files (default: JOBS.status beside the jobs file)")
+    bt.add_argument("--overwrite", action="store_true", default=None,
+                    help="render again the jobs whose output exists but that this batch's status does not "
+                    "record as its own finished job (without it they are skipped; finished jobs always are)")
     _add_report_flags(bt)
     bt.set_defaults(func=_batch)
 
@@ -402,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ref", type=Path, default=None, help="reference image: show the aligned skeletons")
     q.add_argument("--dwpose", type=Path, default=None, metavar="DIR", help="DWPose ONNX folder")
     _add_clip_flags(q)
+    _add_overwrite_flag(q, "the video")
     _add_report_flags(q)
     q.set_defaults(func=_pose)
 
@@ -575,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="also export DIR/snapshots/step_N.safetensors every N steps (for curves)")
     t.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt if present")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a folder that holds an earlier training (its state and checkpoint "
+                   "are replaced as the new one saves)")
     t.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     t.add_argument("--quiet", action="store_true", help="no per-step output")
     t.set_defaults(func=_train)
@@ -611,8 +676,16 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"aa-trt: error: {e.as_flag(FLAGS)}", file=sys.stderr)
         return e.exit_code
     except AATrtError as e:
-        print(f"aa-trt: error: {e}", file=sys.stderr)
+        print(f"aa-trt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a read or write the system refused (disk full, read-only, vanished...)
+        from aa_trt.files import is_storage_failure, storage_error
+
+        if not is_storage_failure(e):
+            raise
+        err = storage_error(e)
+        print(f"aa-trt: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("aa-trt: interrupted", file=sys.stderr)
         return 130

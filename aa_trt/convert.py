@@ -150,8 +150,17 @@ def _load_base(base: Path):
 
 
 def convert_moore(moore_dir, base_dir, out, dtype: str | None = None, inference_config=None,
-                  name: str = "moore-v2") -> Path:
-    moore_dir, base_dir = Path(moore_dir), Path(base_dir)
+                  name: str = "moore-v2", overwrite: bool = False) -> Path:
+    """Moore's four .pth files + the base models -> one checkpoint at `out` (a checkpoint already
+    there is replaced only with `overwrite`; `out` is never one of the inputs nor inside them)."""
+    from aa_trt.files import finished_result, guard_outputs
+
+    moore_dir, base_dir, out = Path(moore_dir), Path(base_dir), Path(out)
+    guard_outputs([(out, False)], [("Moore weights folder", moore_dir), ("base models folder", base_dir),
+                                   ("inference config", inference_config)])
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give a file name such as {out / 'moore_v2.safetensors'}")
+    guard_outputs([(out, finished_result(out))], [], overwrite)
     if not moore_dir.is_dir():
         raise InputError(f"{moore_dir}: not a folder (expected Moore's {', '.join(MOORE_FILES)})")
     if not base_dir.is_dir():

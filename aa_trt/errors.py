@@ -1,4 +1,6 @@
-"""Errors a user can act on. The CLI prints them as one line and exits with `exit_code`."""
+"""Errors a user can act on. The CLI prints them as one line and exits with `exit_code`:
+2 for bad input (a file, a flag), 3 for a file the system could not read or write (disk full,
+read-only or vanished folder, permission denied, a file changed or removed while it was read)."""
 
 
 class AATrtError(Exception):
@@ -7,6 +9,14 @@ class AATrtError(Exception):
 
 class InputError(AATrtError):
     """A file or argument the user gave is missing, unreadable or of the wrong kind."""
+
+
+class StorageError(AATrtError):
+    """Reading or writing a file failed in the system, not because of what the file holds: no
+    space left, a read-only file system, permission denied, a folder or file that vanished or
+    changed while in use. The message names the file and the cause."""
+
+    exit_code = 3
 
 
 class CheckpointError(AATrtError):

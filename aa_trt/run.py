@@ -52,6 +52,7 @@ class RunOptions:
     png: bool = False       # output is a folder of numbered PNG frames
     crf: int | None = None  # video quality (lower: better, larger); None: video.DEFAULT_CRF
     grid: bool = False      # reference | pose | result side by side, as Moore writes
+    overwrite: bool = False  # replace a finished output already there (never an input)
     quiet: bool = False
 
     def __post_init__(self):
@@ -163,11 +164,10 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
     """`make_animator(ckpt, device=, dtype=)` replaces Animator.from_pretrained (torchrun, batch).
     `on_progress(done, total)`: called after each UNet call with the denoising units (steps x
     windows) done so far, instead of the terminal's progress bar (a web page's bar)."""
-    import os
-
     import torch
 
     from aa_trt.checkpoint import read_config
+    from aa_trt.files import check_output_folder
     from aa_trt.pipeline import Animator
     from aa_trt.video import DEFAULT_CRF, check_png_folder, open_clip, read_image, write_png_frames, write_video
 
@@ -176,17 +176,10 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError("device", opts.device, "no CUDA device is available to this torch build")
     # Fail on bad options and a bad output path before minutes of work, not after.
+    check_run_output(opts, ckpt)
     config = read_config(ckpt)
     sample = opts.sample.resolve(config)
-    if opts.png:
-        check_png_folder(opts.output)
-    elif opts.output.is_dir():
-        raise InputError(f"{opts.output}: is a folder; give a file name such as {opts.output / 'out.mp4'}")
-    out_dir = opts.output.parent
-    if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: output folder does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise InputError(f"{out_dir}: output folder is not writable")
+    check_output_folder(opts.output.parent)
     with timer("read"):
         ref_image = read_image(opts.ref)
         clip = open_clip(opts.driving, opts.start, opts.stride, opts.frames)  # decoded as it is read
@@ -228,7 +221,7 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
         n = len(poses)
         video = streamed_frames(anim, final, ref_image, poses if opts.grid else None, not opts.quiet)
         if opts.png:
-            write_png_frames(opts.output, video)
+            write_png_frames(opts.output, video, overwrite=opts.overwrite)
         else:
             write_video(opts.output, video, clip.fps, clip.audio_path, clip.start_time, clip.duration(n),
                         crf=DEFAULT_CRF if opts.crf is None else opts.crf)
@@ -240,6 +233,29 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
             "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
             "precision_reason": precision[1], **facts, "peak_rss_mb": peak_rss_mb(),
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
+
+
+def run_inputs(opts: RunOptions, ckpt: Path | None = None) -> list[tuple[str, Path | None]]:
+    """What a run reads, as files.guard_outputs takes them."""
+    return [("reference image", opts.ref), ("driving video", opts.driving),
+            ("checkpoint", ckpt if ckpt is not None else opts.ckpt), ("engine folder", opts.engine),
+            ("DWPose folder", opts.dwpose)]
+
+
+def check_run_output(opts: RunOptions, ckpt: Path | None = None) -> None:
+    """Before any work: the output is none of the inputs (nor inside or around one), is of the
+    kind asked for (a file, or a folder with `png`), and replaces a finished result only with
+    `overwrite`."""
+    from aa_trt.files import finished_result, guard_outputs
+    from aa_trt.video import check_png_folder
+
+    guard_outputs([(opts.output, False)], run_inputs(opts, ckpt))
+    if opts.png:
+        check_png_folder(opts.output, overwrite=opts.overwrite)
+        return
+    if opts.output.is_dir():
+        raise InputError(f"{opts.output}: is a folder; give a file name such as {opts.output / 'out.mp4'}")
+    guard_outputs([(opts.output, finished_result(opts.output))], [], opts.overwrite)
 
 
 def _resume_state(opts: RunOptions, ckpt: Path, sample: SampleOptions, width: int, height: int,
@@ -302,16 +318,23 @@ def grid_frames(ref_image, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
 
 
 def pose_preview(driving: Path, output: Path, ref: Path | None = None, dwpose=None, frames=None,
-                 stride: int = 1, start: int = 0, quiet: bool = False) -> dict:
+                 stride: int = 1, start: int = 0, quiet: bool = False, overwrite: bool = False) -> dict:
     """`aa-trt pose`: source frames and their (aligned, with ref) skeletons side by side; the
     video is read twice (extraction, then the side-by-side), never held whole."""
     from PIL import Image
 
+    from aa_trt.files import finished_result, guard_outputs
     from aa_trt.pose.stage import driving_poses as stage, video_cache_key
-    from aa_trt.video import open_clip, read_image, write_video
+    from aa_trt.video import container_for, open_clip, read_image, write_video
 
     timer = Timer()
-    driving = Path(driving)
+    driving, output = Path(driving), Path(output)
+    guard_outputs([(output, False)], [("driving video", driving), ("reference image", ref),
+                                      ("DWPose folder", dwpose)])
+    container_for(output)
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give a file name such as {output / 'poses.mp4'}")
+    guard_outputs([(output, finished_result(output))], [], overwrite)
     with timer("read"):
         clip = open_clip(driving, start, stride, frames)
         ref_image = read_image(ref) if ref is not None else None

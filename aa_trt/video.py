@@ -7,19 +7,24 @@ interrupted or failed run leaves neither a half-written file nor the temporary o
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 from dataclasses import dataclass
 from fractions import Fraction
+from struct import error as struct_error
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aa_trt.errors import InputError, OptionError
+from aa_trt.errors import InputError, OptionError, StorageError
 from aa_trt.files import atomic_output
 
+_READ_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENXIO, errno.ENODEV}
+
+MAX_IMAGE_PIXELS = 1 << 26  # 67 Mpixel (8192 x 8192): a bigger picture is refused before it is decoded
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FOLDER_FPS = 30.0
 
@@ -50,10 +55,20 @@ def read_image(path) -> Image.Image:
         raise InputError(f"{path}: no such file")
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: {w}x{h} pixels is more than this reads ({MAX_IMAGE_PIXELS} "
+                                 f"pixels); scale the picture down")
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: not a readable image ({e})") from None
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: refused: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError,
+            KeyError, struct_error, ZeroDivisionError, MemoryError) as e:
+        _raise_if_storage(e, path)
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if im.mode in ("RGBA", "LA", "P", "PA") and (im.mode != "P" or "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -85,6 +100,7 @@ class ClipStream:
         if not path.is_file():
             raise InputError(f"{path}: no such file or folder")
         self.files = None
+        self.signature = _signature(path)
         first = None
         try:
             with _av().open(str(path)) as container:
@@ -101,6 +117,7 @@ class ClipStream:
         except InputError:
             raise
         except Exception as e:  # PyAV raises av.error.* (InvalidDataError, ...) for broken input
+            _raise_if_storage(e, path)
             raise InputError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
         if first is None:
             raise InputError(f"{path}: no frames" + (f" at or after frame {start}" if start else ""))
@@ -137,14 +154,23 @@ class ClipStream:
                 for i, frame in enumerate(container.decode(vs)):
                     if i < self.start or (i - self.start) % self.stride:
                         continue
-                    yield frame.to_ndarray(format="rgb24")
+                    a = frame.to_ndarray(format="rgb24")
+                    if a.shape != self.first_shape:
+                        raise InputError(f"{self.path}: frame {i} is {a.shape[1]}x{a.shape[0]}, the first "
+                                         f"taken frame {self.first_shape[1]}x{self.first_shape[0]}: the video "
+                                         f"changes size (or changed while it was read)")
+                    yield a
                     n += 1
                     if self.max_frames is not None and n >= self.max_frames:
                         break
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 -- a file broken past its first frame
+            _raise_if_storage(e, self.path)
             raise InputError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
+        if _signature(self.path) != self.signature:
+            raise StorageError(f"{self.path}: changed while it was read (size or modification time "
+                               f"differs from when it was opened); run again once it is complete")
         self.count = n
 
     def chunks(self, size: int) -> Iterator[list[np.ndarray]]:
@@ -157,6 +183,24 @@ class ClipStream:
                 chunk = []
         if chunk:
             yield chunk
+
+
+def _signature(path: Path):
+    """What tells a file that changed or vanished: (device, inode, size, mtime), None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _raise_if_storage(e: BaseException, path: Path) -> None:
+    """A system failure while reading (the file vanished, permission denied, an I/O error) as a
+    StorageError; what the file holds being wrong stays an InputError (the caller's)."""
+    from aa_trt.files import is_storage_failure, storage_error
+
+    if isinstance(e, FileNotFoundError) or (is_storage_failure(e) and e.errno in _READ_ERRNOS):
+        raise storage_error(e, path) from None
 
 
 def open_clip(path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> ClipStream:
@@ -246,37 +290,46 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio_from: Path
     return path
 
 
-def check_png_folder(path, param: str = "output") -> None:
-    """A folder for numbered PNG frames: absent or empty (frames of another run are not mixed in)."""
+def check_png_folder(path, param: str = "output", overwrite: bool = False) -> None:
+    """A folder for numbered PNG frames: absent or empty (frames of another run are not mixed in);
+    with `overwrite` a non-empty one too (it is replaced whole once the new frames are written)."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise OptionError(param, str(path), "exists and is not an empty folder; PNG frames go to a new or empty folder")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: output folder does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{path.parent}: output folder is not writable")
+    if path.exists() and not path.is_dir():
+        raise OptionError(param, str(path), "exists and is not a folder; PNG frames go to a new or empty folder")
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise OptionError(param, str(path), "exists and is not an empty folder; PNG frames go to a new or "
+                          "empty folder (--overwrite replaces it)")
+    from aa_trt.files import check_output_folder
+
+    check_output_folder(path.parent)
 
 
-def write_png_frames(folder, frames: Iterable[np.ndarray]) -> Path:
+def write_png_frames(folder, frames: Iterable[np.ndarray], overwrite: bool = False) -> Path:
     """frames -> FOLDER/00000.png, 00001.png, ...; written into a temporary folder beside it and
-    renamed when complete, so an interrupted run leaves no partial folder."""
+    renamed when complete, so an interrupted run leaves no partial folder (with `overwrite`, a
+    folder already there is replaced only then)."""
     import shutil
     import tempfile
 
+    from aa_trt.files import is_storage_failure, replace_folder, storage_error
+
     folder = Path(folder)
-    check_png_folder(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.partial", dir=folder.parent))
+    check_png_folder(folder, overwrite=overwrite)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.partial", dir=folder.parent))
         n = 0
         for n, frame in enumerate(frames, 1):
             Image.fromarray(np.ascontiguousarray(frame)).save(tmp / f"{n - 1:05d}.png")
         if n == 0:
             raise InputError(f"{folder}: no frames to write")
-        if folder.is_dir():
-            folder.rmdir()  # empty (checked above)
-        os.replace(tmp, folder)
+        replace_folder(tmp, folder)
+    except OSError as e:
+        if not is_storage_failure(e):
+            raise
+        raise storage_error(e, folder, tmp=tmp) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
