@@ -31,6 +31,7 @@ def _build(args) -> int:
 
     check_build_output(args)
     width, height = read_config(args.ckpt).default_size
+    new_folder = not Path(args.output).exists()
     try:
         shapes = BuildShapes(height=args.height or height, width=args.width or width,
                              frames=args.frames, windows=args.window_batch)
@@ -41,6 +42,10 @@ def _build(args) -> int:
         raise InputError(e.as_flag()) from None
     except ValueError as e:  # shapes, graph names, frames beyond the motion modules' table
         raise InputError(str(e)) from None
+    except BaseException:
+        if new_folder:  # a folder this build made: nothing of it stays when it holds no graph yet
+            _remove_if_empty(Path(args.output))
+        raise
     extra = ""
     if m.get("openvino"):
         extra = f", OpenVINO {m['openvino']['precision']} ({m['openvino']['reason']})"
@@ -64,6 +69,17 @@ def check_build_output(args) -> None:
     if foreign and not args.overwrite:
         raise InputError(f"{out}: exists and is not a build folder (no manifest.json); pass --overwrite "
                          f"to build into it anyway")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder a failed command made, if it holds nothing but empty files."""
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and all(p.is_file() and p.stat().st_size == 0 for p in folder.iterdir()):
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
 
 
 TRAIN_FILES = ("model.safetensors", "train_state.pt", "log.jsonl")
@@ -261,6 +277,18 @@ def _train(args) -> int:
     from aa_trt.errors import InputError
 
     check_train_output(args)
+    new_folder = not Path(args.out).exists()
+    try:
+        return _train_stage_of(args)
+    except BaseException:
+        if new_folder:  # a training that failed before its first save leaves no folder
+            _remove_if_empty(Path(args.out))
+        raise
+
+
+def _train_stage_of(args) -> int:
+    from aa_trt.errors import InputError
+
     if args.stage != "distill":
         given = [flag for flag, name in DISTILL_ONLY if getattr(args, name) is not None]
         if given:
@@ -683,7 +711,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         if not is_storage_failure(e):
             raise
-        err = storage_error(e)
+        err = storage_error(e, getattr(args, "output", None) or getattr(args, "out", None))
         print(f"aa-trt: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -92,6 +92,8 @@ def atomic_output(path, *, fsync: bool = False, make_parent: bool = False) -> It
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise storage_error(e, path.parent) from None
+    if not path.parent.is_dir():  # checked before the work began: it vanished since
+        raise StorageError(f"{path.parent}: output folder does not exist (removed while in use?) (ENOENT)")
     check_output_folder(path.parent)
     tmp = partial_name(path)
     try:
