@@ -8,6 +8,12 @@ pose preview share one queue with a concurrency limit of 1, so two tabs cannot o
 Errors a user can act on (AATrtError) show as one line in the page; anything else as one line too,
 with the traceback only in the server's log.
 
+Uploads reach the app as the uploaded files' paths, unopened (`path_components`): gradio's own
+preprocessing would decode the picture first and answer a text file or a decompression bomb with a
+generic error; here `run`'s readers open them and refuse them in their own one line, in the
+Status line and to gradio's client alike. The API's parameters are named as the page's fields
+(`reference_image`, `driving_video`, `steps`, ...).
+
 `PageApp` holds what the page does without gradio (tested directly); `build()` lays out the page.
 """
 from __future__ import annotations
@@ -263,10 +269,35 @@ def summary_text(out: dict) -> str:
             f"{s['precision']} ({s['precision_reason']}); {model}")
 
 
+def path_components(gr):
+    """gr.Image and gr.Video whose uploads reach the app as the uploaded file's path, unopened (the
+    page looks and behaves as theirs: `is_template` keeps the base component's front end)."""
+
+    class PathImage(gr.Image):
+        is_template = True
+
+        def preprocess(self, payload):
+            return None if payload is None else payload.path
+
+    class PathVideo(gr.Video):
+        is_template = True
+
+        def preprocess(self, payload):
+            return None if payload is None else payload.path
+
+    return PathImage, PathVideo
+
+
+# The page's settings fields in the order of PageSettings (and of the API's named parameters).
+SETTINGS = tuple(f.name for f in dataclasses.fields(PageSettings))
+
+
 def build(app: PageApp):
     """The gradio Blocks of the page."""
     gr = gradio()
     from aa_trt.sampling import SAMPLERS
+
+    PathImage, PathVideo = path_components(gr)
 
     with gr.Blocks(title="aa-trt: Animate Anyone", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as demo:
@@ -274,10 +305,10 @@ def build(app: PageApp):
                     "character dancing out. Check the skeleton with **Pose preview**, then **Generate**.")
         with gr.Row():
             with gr.Column(scale=1):
-                ref = gr.Image(label="Reference image (the character)", type="filepath",
-                               image_mode=None, sources=["upload", "clipboard"], elem_id="aa-ref", height=260)
-                driving = gr.Video(label="Driving video (the dance)", sources=["upload"],
-                                   elem_id="aa-driving", height=260)
+                ref = PathImage(label="Reference image (the character)", type="filepath",
+                                image_mode=None, sources=["upload", "clipboard"], elem_id="aa-ref", height=260)
+                driving = PathVideo(label="Driving video (the dance)", sources=["upload"],
+                                    elem_id="aa-driving", height=260)
                 with gr.Row():
                     pose_video = gr.Checkbox(label="the driving video already is a pose video (skeletons)",
                                              value=False, elem_id="aa-pose-video")
@@ -332,30 +363,33 @@ def build(app: PageApp):
         settings_inputs = [steps, guidance, sampler, timestep_power, random_seed, seed, width, height, context_frames,
                            context_overlap, context_schedule, frames, stride, start, align, dtype]
 
-        def settings_of(values) -> PageSettings:
-            names = ("steps", "guidance", "sampler", "timestep_power", "random_seed", "seed", "width", "height",
-                     "context_frames", "context_overlap", "context_schedule", "frames", "stride",
-                     "start", "align", "dtype")
-            return PageSettings(**dict(zip(names, values)))
-
-        def on_generate(ref_v, driving_v, pose_v, *values, progress=gr.Progress()):
+        # Named parameters (not *values): gradio's API names each input after them.
+        def on_generate(reference_image, driving_video, driving_is_pose_video, steps, guidance, sampler,
+                        timestep_power, random_seed, seed, width, height, context_frames, context_overlap,
+                        context_schedule, frames, stride, start, align, dtype, progress=gr.Progress()):
+            values = dict(locals())
+            settings = PageSettings(**{k: values[k] for k in SETTINGS})
             progress(0.0, desc="reading, extracting the pose, loading the model")
 
             def on_progress(done, total):
                 progress((done, total), desc="denoising", unit="UNet steps")
 
             try:
-                out = app.generate(ref_v, driving_v, pose_v, settings_of(values), on_progress)
+                out = app.generate(reference_image, driving_video, driving_is_pose_video, settings, on_progress)
             except Exception as e:  # noqa: BLE001 -- the page shows one line and keeps serving
-                return app.message(e, ref_v, driving_v), None, None, None, ""
+                return app.message(e, reference_image, driving_video), None, None, None, ""
             return (summary_text(out), out["video"], out["video"], out["grid"],
                     "**Stage times**\n\n" + stage_table(out["seconds"]))
 
-        def on_preview(ref_v, driving_v, pose_v, *values):
+        def on_preview(reference_image, driving_video, driving_is_pose_video, steps, guidance, sampler,
+                       timestep_power, random_seed, seed, width, height, context_frames, context_overlap,
+                       context_schedule, frames, stride, start, align, dtype):
+            values = dict(locals())
+            settings = PageSettings(**{k: values[k] for k in SETTINGS})
             try:
-                out = app.preview(ref_v, driving_v, pose_v, settings_of(values))
+                out = app.preview(reference_image, driving_video, driving_is_pose_video, settings)
             except Exception as e:  # noqa: BLE001
-                return app.message(e, ref_v, driving_v), None
+                return app.message(e, reference_image, driving_video), None
             return out["note"], out["video"]
 
         def on_example():

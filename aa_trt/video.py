@@ -169,8 +169,8 @@ class ClipStream:
             _raise_if_storage(e, self.path)
             raise InputError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
         if _signature(self.path) != self.signature:
-            raise StorageError(f"{self.path}: changed while it was read (size or modification time "
-                               f"differs from when it was opened); run again once it is complete")
+            raise StorageError(f"{self.path}: changed while it was read (its size or bytes differ from "
+                               f"when it was opened); run again once it is complete")
         self.count = n
 
     def chunks(self, size: int) -> Iterator[list[np.ndarray]]:
@@ -185,13 +185,21 @@ class ClipStream:
             yield chunk
 
 
-def _signature(path: Path):
-    """What tells a file that changed or vanished: (device, inode, size, mtime), None if gone."""
+def _signature(path: Path, edge: int = 1 << 20):
+    """What tells a file that changed or vanished: its size and the hashes of its first and last
+    MiB (a copy still being written grows; the same bytes written again, as an upload cache does,
+    are no change). None if it is gone."""
+    import hashlib
+
     try:
-        st = os.stat(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = hashlib.sha256(f.read(edge)).hexdigest()
+            f.seek(max(0, size - edge))
+            tail = hashlib.sha256(f.read(edge)).hexdigest()
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return size, head, tail
 
 
 def _raise_if_storage(e: BaseException, path: Path) -> None:
