@@ -27,7 +27,6 @@ from aa_trt.export.onnx_io import (DEFAULT_OPSET, ExportError, check_graph, comp
 # Graphs whose weights are written once into one shared external data file: the cond and uncond
 # UNet steps run the same UNet (1.34 GB of fp32 weights each at half-width sd15).
 SHARED_WEIGHTS = {"unet_cond": "unet.weights", "unet_uncond": "unet.weights"}
-BACKENDS = ("auto", "openvino", "onnxruntime", "tensorrt")
 _LEGACY_TENSORRT = {"auto": "auto", "on": "tensorrt", "off": "onnxruntime"}
 
 
@@ -41,12 +40,14 @@ def _files(out_dir: Path, name: str) -> dict[str, int]:
 
 
 def resolve_backend(backend: str | None = "auto", tensorrt: str | None = None) -> tuple[str, str]:
-    """(backend, why) for a build: "tensorrt" engines on CUDA when importable, "openvino" compiled
-    graphs on CPU when importable, else "onnxruntime" (the ONNX graphs alone, which every build
-    has). tensorrt: the older switch (auto/on/off = backend auto/tensorrt/onnxruntime)."""
+    """(backend, why) for a build, by the runs' own rule (aa_trt.backends.choose_backend):
+    "tensorrt" engines on CUDA when importable, "openvino" compiled graphs on CPU when importable,
+    else "onnxruntime" (the ONNX graphs alone, which every build has). tensorrt: the older switch
+    (auto/on/off = backend auto without OpenVINO/tensorrt/onnxruntime)."""
+    from aa_trt.backends import BackendUnavailable, choose_backend
     from aa_trt.backends import openvino as ovb
+    from aa_trt.backends.tensorrt import unavailable as trt_unavailable
     from aa_trt.errors import OptionError
-    from aa_trt.export import tensorrt as trt_build
 
     if tensorrt is not None:
         if tensorrt not in _LEGACY_TENSORRT:
@@ -56,24 +57,22 @@ def resolve_backend(backend: str | None = "auto", tensorrt: str | None = None) -
             raise OptionError("tensorrt", tensorrt, f"contradicts `backend` {backend!r}; give one of them")
         backend = legacy if backend in (None, "auto") else backend
     backend = backend or "auto"
-    if backend not in BACKENDS:
-        raise OptionError("backend", backend, f"expected one of {', '.join(BACKENDS)}")
-    trt_missing = trt_build.unavailable() if backend in ("auto", "tensorrt") else None
-    if backend == "tensorrt":
-        if trt_missing is not None:
-            raise ExportError(f"TensorRT engines asked for, but {trt_missing}")
-        return "tensorrt", "asked for"
-    if backend == "openvino":
-        if not ovb.available():
-            raise ExportError(f"OpenVINO asked for, but openvino is not installed: {ovb.INSTALL_HINT}")
-        return "openvino", "asked for"
-    if backend == "onnxruntime":
-        return "onnxruntime", "asked for"
-    if trt_missing is None:
-        return "tensorrt", "TensorRT and a CUDA device are present"
-    if tensorrt is None and ovb.available():
-        return "openvino", f"CPU build ({trt_missing}), openvino installed"
-    return "onnxruntime", f"{trt_missing}" + ("" if tensorrt is not None else ", openvino not installed")
+    # The older switch predates OpenVINO: its "auto" chose between TensorRT and onnxruntime only.
+    ov_unready = (lambda: "--tensorrt builds no OpenVINO graphs") if tensorrt is not None else \
+        (lambda: None if ovb.available() else "openvino not installed")
+    try:
+        name, passed = choose_backend(backend, {"tensorrt": trt_unavailable, "openvino": ov_unready})
+    except BackendUnavailable as e:
+        if e.backend == "tensorrt":
+            raise ExportError(f"TensorRT engines asked for, but {e.reason}") from None
+        raise ExportError(f"OpenVINO asked for, but openvino is not installed: {ovb.INSTALL_HINT}") from None
+    if backend != "auto":
+        return name, "asked for"
+    if name == "tensorrt":
+        return name, "TensorRT and a CUDA device are present"
+    if name == "openvino":
+        return name, f"CPU build ({passed[0]}), openvino installed"
+    return name, passed[0] if tensorrt is not None else ", ".join(passed)
 
 
 def _verify(spec, out_dir: Path, info: dict, key: dict) -> dict:

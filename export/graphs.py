@@ -1,5 +1,6 @@
-"""One declaration per exported graph: the single source of truth for names, dynamic axes, engine
-profiles and sample inputs (NVIDIA's demo/Diffusion pattern, without its 2,000-line files).
+"""One declaration per exported graph: dynamic axes, engine profiles and sample inputs, on the tensor
+names the runtimes read (aa_trt.backends.declarations) (NVIDIA's demo/Diffusion pattern, without
+its 2,000-line files).
 
 A shape is a tuple of ints (fixed) and axis names (dynamic). Every axis name has a (min, opt, max)
 range in `GraphSpec.dims`; an `Axis` whose size is a function of other axes (the UNet's rows =
@@ -13,34 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+# GRAPHS and declared_names are re-exported: the build and its callers name graphs from here.
+from aa_trt.backends.declarations import GRAPH_REVISION, GRAPHS, declared_names, kv_name  # noqa: F401
 from aa_trt.checkpoint import Models
 from aa_trt.export import wrappers
 from aa_trt.models.layers import TransformerBlock
 from aa_trt.models.unet import UNet
-
-GRAPHS = ("clip", "vae_encoder", "vae_decoder", "pose_guider", "reference_kv", "unet_cond",
-          "unet_uncond")
-# Every graph's tensor names: the one declaration that the export (graph_specs, below) and the
-# runtimes (aa_trt.backends.graphs, which bind every tensor by name, never by position) read.
-# The K/V cache (kv_name: k0, v0, k1, v1, ...) follows: reference_kv's outputs, unet_cond's inputs.
-UNET_INPUTS = ("latents", "timestep", "pose", "context")
-INPUTS = {"clip": ("pixel_values",), "vae_encoder": ("image",), "vae_decoder": ("latents",),
-          "pose_guider": ("frames",), "reference_kv": ("ref_latent", "context"),
-          "unet_cond": UNET_INPUTS, "unet_uncond": UNET_INPUTS}
-OUTPUTS = {"clip": ("image_embeds",), "vae_encoder": ("latent",), "vae_decoder": ("image",),
-           "pose_guider": ("features",), "reference_kv": (), "unet_cond": ("prediction",),
-           "unet_uncond": ("prediction",)}
-KV_INPUTS, KV_OUTPUTS = ("unet_cond",), ("reference_kv",)
-# In every graph's key (describe): bumped when the exported computation changes for the same
-# weights and names, so that older graphs are exported again. 2: the UNet's timestep embedding
-# takes sin/cos before any reshape of the timestep (models.layers.timestep_embedding). 3: the
-# cross-attention of a one-token context is to_out(to_v(context)) (TransformerBlock.cross_attention).
-GRAPH_REVISION = 3
-
-
-def kv_name(kind: str, block: int) -> str:
-    """The K/V cache's tensor names: k0, v0, k1, v1, ... (reference_kv's outputs, unet_cond's inputs)."""
-    return f"{kind}{block}"
 
 
 @dataclass(frozen=True)
@@ -253,10 +232,3 @@ def graph_specs(models: Models, shapes: BuildShapes) -> dict[str, GraphSpec]:
         want_in, want_out = declared_names(s.name, n_kv)
         assert (tuple(s.input_names), tuple(s.output_names)) == (want_in, want_out), s.name
     return {s.name: s for s in specs}
-
-
-def declared_names(graph: str, n_kv: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input names, output names) of one graph of a model with `n_kv` transformer blocks."""
-    kv = tuple(kv_name(kind, i) for i in range(n_kv) for kind in ("k", "v"))
-    return (INPUTS[graph] + (kv if graph in KV_INPUTS else ()),
-            OUTPUTS[graph] + (kv if graph in KV_OUTPUTS else ()))

@@ -13,30 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-INSTALL_HINT = ("install TensorRT for your CUDA version from NVIDIA (pip install tensorrt "
-                "--extra-index-url https://pypi.nvidia.com), or use the onnxruntime backend")
+# The runtime owns TensorRT's import and the reasons it cannot run; the build asks the same questions.
+from aa_trt.backends.tensorrt import INSTALL_HINT, import_tensorrt, unavailable  # noqa: F401
+
 TIMING_CACHE = "timing.cache"
-
-
-def unavailable() -> str | None:
-    """Why engines cannot be built here (the exact skip reasons of the tests), or None."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "tensorrt not importable"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise ImportError(f"tensorrt is not importable: {INSTALL_HINT}") from None
-    return trt
 
 
 def engine_name(graph: str, fp16: bool, trt_version: str) -> str:

@@ -220,11 +220,11 @@ def test_precision_choice(monkeypatch):
 
 
 def test_backend_auto_choice(builds, ckpt, monkeypatch, tmp_path):
+    from aa_trt.backends import tensorrt as trt_runtime
     from aa_trt.backends.onnxruntime import OrtAnimator
-    from aa_trt.export import tensorrt as trt_build
 
     d, _ = builds["f32"]
-    monkeypatch.setattr(trt_build, "unavailable", lambda: "no CUDA device")
+    monkeypatch.setattr(trt_runtime, "unavailable", lambda: "no CUDA device")
     assert resolve_backend("auto") == ("openvino", "CPU build (no CUDA device), openvino installed")
     assert resolve_backend(None, tensorrt="off") == ("onnxruntime", "asked for")
     with pytest.raises(OptionError, match="tensorrt='on': contradicts `backend`"):

@@ -1,7 +1,7 @@
 """The Animator on exported graphs, whatever runs them (onnxruntime sessions, TensorRT engines).
 
 A *graph* here is any callable `graph(device=..., **inputs) -> {output name: tensor}`, its inputs
-and outputs named by the one declaration in aa_trt.export.graphs (INPUTS, OUTPUTS, kv_name); a
+and outputs named by the one declaration in aa_trt.backends.declarations (INPUTS, OUTPUTS, kv_name); a
 build whose recorded names differ is refused. Each *Graph stand-in below wraps graphs so that it is called the way the
 Animator calls the module it replaces (CLIP's `.image_embeds`, the VAE's
 `.encode(x).latent_dist.mean` / `.decode(z).sample`, the UNet's `(x, t, ctx, frames=, pose=,
@@ -21,7 +21,7 @@ import torch
 from aa_trt.checkpoint import Models
 from aa_trt.config import ModelConfig
 from aa_trt.errors import InputError
-from aa_trt.export.graphs import GRAPHS, UNET_INPUTS, declared_names, kv_name
+from aa_trt.backends.declarations import GRAPHS, UNET_INPUTS, declared_names, kv_name
 from aa_trt.models.layers import ReferenceState
 from aa_trt.models.reference_kv import ReferenceKV
 from aa_trt.pipeline import Animator
@@ -38,7 +38,7 @@ def bind_check(what: str, expected, given) -> None:
 
 
 def check_declarations(engine_dir, manifest: dict) -> int:
-    """The build's recorded names must be this aa-trt's declaration (export.graphs); returns the
+    """The build's recorded names must be this aa-trt's declaration (backends.declarations); returns the
     number of K/V pairs (transformer blocks) they carry."""
     n_kv = sum(1 for n in manifest["graphs"]["unet_cond"]["inputs"] if n not in UNET_INPUTS) // 2
     for g in GRAPHS:

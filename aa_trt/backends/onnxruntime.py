@@ -36,18 +36,23 @@ class OrtGraph:
 
 
 class OrtAnimator(GraphAnimator):
-    backend_name, backend_reason = "onnxruntime", ""
+    backend_name = "onnxruntime"
+    backend_reason = "the build's ONNX graphs"
 
     @classmethod
     def from_dir(cls, engine_dir, checkpoint=None, providers: list[str] | None = None,
-                 threads: int | None = None) -> "OrtAnimator":
+                 threads: int | None = None, reason: str | None = None) -> "OrtAnimator":
         """Refuses (InputError, one line) a DIR from another aa-trt, an unfinished build, or, when
-        `checkpoint` is given, a build from another checkpoint. Sizes are checked in prepare."""
-        from aa_trt.export import manifest as mf
+        `checkpoint` is given, a build from another checkpoint. Sizes are checked in prepare.
+        reason: why this backend was chosen (`backend_reason`, which the run summary shows)."""
+        from aa_trt.backends import manifest as mf
         from aa_trt.files import file_sha256
 
         sha = file_sha256(checkpoint) if checkpoint is not None else None
         m = mf.load_for_run(engine_dir, sha, GRAPHS)
         threads = threads or torch.get_num_threads()
         graphs = {name: OrtGraph(f"{engine_dir}/{name}.onnx", providers, threads) for name in GRAPHS}
-        return cls(engine_dir, m, graphs, "cpu")
+        anim = cls(engine_dir, m, graphs, "cpu")
+        if reason is not None:
+            anim.backend_reason = reason
+        return anim

@@ -83,7 +83,7 @@ def blob_name(graph: str, precision: str) -> str:
 
 
 # Which nodes a bf16 compile keeps in f32 (recorded in the build's manifest: a build made under
-# another rule is recompiled). "/2": with the graphs of export.graphs.GRAPH_REVISION 2, whose
+# another rule is recompiled). "/2": with the graphs of backends.declarations.GRAPH_REVISION 2, whose
 # timestep embedding has no reshape of t before sin/cos (a bf16 build under "timestep" alone
 # still rounded t in the plugin's bf16 Unsqueeze, and is refused).
 KEEP_F32 = "timestep/2"
@@ -262,17 +262,17 @@ def check_build(engine_dir, manifest: dict, precision: str, why: str) -> dict:
 
 class OvAnimator(GraphAnimator):
     backend_name = "openvino"
-    backend_reason = ""
+    backend_reason = "the build's OpenVINO graphs"
 
     @classmethod
     def from_dir(cls, engine_dir, checkpoint=None, precision: str | None = None,
-                 threads: int | None = None) -> "OvAnimator":
+                 threads: int | None = None, reason: str | None = None) -> "OvAnimator":
         """As OrtAnimator.from_dir, on the DIR's compiled OpenVINO graphs. precision: None/"auto"
         (the build's, where this CPU runs it: choose_precision), "bf16" or "f32"; a DIR compiled
         for another precision, by another OpenVINO, or from other graphs is refused (InputError,
-        one line)."""
-        from aa_trt.export import manifest as mf
-        from aa_trt.export.graphs import declared_names
+        one line). reason: why this backend was chosen, put before the precision's reason."""
+        from aa_trt.backends import manifest as mf
+        from aa_trt.backends.declarations import declared_names
         from aa_trt.backends.graphs import check_declarations
         from aa_trt.files import file_sha256
 
@@ -288,6 +288,7 @@ class OvAnimator(GraphAnimator):
         graphs = {g: OvGraph.load(Path(engine_dir) / part["graphs"][g]["file"], declared_names(g, n_kv),
                                   precision, threads) for g in GRAPHS}
         anim = cls(engine_dir, m, graphs, "cpu")
-        anim.backend_name, anim.backend_reason = f"openvino {precision}", why
+        anim.backend_name = f"openvino {precision}"
+        anim.backend_reason = f"{reason}; {why}" if reason else why
         anim.precision = precision
         return anim

@@ -3,7 +3,8 @@
 Written to TensorRT's documented Python API (>= 8.6, the name-based tensor API): inputs are bound
 by `set_input_shape` + `set_tensor_address` on the torch tensors' own memory, outputs are torch
 tensors allocated once per input-shape key and reused, and `execute_async_v3` runs on torch's
-current stream. tensorrt is imported only here and in aa_trt.export.tensorrt.
+current stream. tensorrt is imported only here (the builder, aa_trt.export.tensorrt, imports it
+through `import_tensorrt`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ import torch
 
 from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
 from aa_trt.errors import InputError
+
+INSTALL_HINT = ("install TensorRT for your CUDA version from NVIDIA (pip install tensorrt "
+                "--extra-index-url https://pypi.nvidia.com), or use the onnxruntime backend")
+
+
+def unavailable() -> str | None:
+    """Why TensorRT cannot run (or build) here, or None: the reasons the tests skip with too."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt not importable"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ImportError(f"tensorrt is not importable: {INSTALL_HINT}") from None
+    return trt
 
 
 def _torch_dtype(trt, dt):
@@ -30,8 +53,6 @@ class TrtEngine:
     {output name: tensor} (on the engine's CUDA device)."""
 
     def __init__(self, path, device="cuda"):
-        from aa_trt.export.tensorrt import import_tensorrt
-
         trt = import_tensorrt()
         self.trt = trt
         self.device = torch.device(device)
@@ -76,12 +97,13 @@ class TrtEngine:
 
 
 class TrtAnimator(GraphAnimator):
-    backend_name, backend_reason = "tensorrt", ""
+    backend_name = "tensorrt"
+    backend_reason = "CUDA device, TensorRT engines in the build"
 
     @classmethod
-    def from_dir(cls, engine_dir, checkpoint=None, device="cuda") -> "TrtAnimator":
-        """As OrtAnimator.from_dir, on the DIR's TensorRT engines."""
-        from aa_trt.export import manifest as mf
+    def from_dir(cls, engine_dir, checkpoint=None, device="cuda", reason: str | None = None) -> "TrtAnimator":
+        """As OrtAnimator.from_dir, on the DIR's TensorRT engines; `backend_name` gives their precision."""
+        from aa_trt.backends import manifest as mf
         from aa_trt.files import file_sha256
 
         sha = file_sha256(checkpoint) if checkpoint is not None else None
@@ -92,4 +114,8 @@ class TrtAnimator(GraphAnimator):
             raise InputError(f"{engine_dir}: no TensorRT engines for {', '.join(missing)}; run "
                              f"`aa-trt build` on a machine with TensorRT and CUDA")
         graphs = {g: TrtEngine(Path(engine_dir) / engines[g]["file"], device) for g in GRAPHS}
-        return cls(engine_dir, m, graphs, device)
+        anim = cls(engine_dir, m, graphs, device)
+        anim.backend_name = f"tensorrt {m.get('precision', {}).get('engines', '')}".strip()
+        if reason is not None:
+            anim.backend_reason = reason
+        return anim
