@@ -13,6 +13,7 @@ TOP_LEVEL_SUBPACKAGES = ("export", "kernels", "training")
 
 def _map_checkout_folders() -> None:
     import importlib.abc
+    import importlib.machinery
     import importlib.util
     import sys
     from pathlib import Path
@@ -24,11 +25,17 @@ def _map_checkout_folders() -> None:
     class CheckoutFolders(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
             pkg, _, name = fullname.partition(".")
-            init = root / name / "__init__.py"
-            if pkg != __name__ or name not in TOP_LEVEL_SUBPACKAGES or not init.is_file():
+            folder = root / name
+            if pkg != __name__ or name not in TOP_LEVEL_SUBPACKAGES or not folder.is_dir():
                 return None
-            return importlib.util.spec_from_file_location(fullname, init,
-                                                          submodule_search_locations=[str(init.parent)])
+            init = folder / "__init__.py"
+            if init.is_file():
+                return importlib.util.spec_from_file_location(fullname, init,
+                                                              submodule_search_locations=[str(folder)])
+            # kernels/ has no __init__.py on purpose (see pyproject.toml): a namespace package here
+            spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+            spec.submodule_search_locations = [str(folder)]
+            return spec
 
     if not any(type(f).__name__ == "CheckoutFolders" for f in sys.meta_path):
         sys.meta_path.append(CheckoutFolders())  # last: an installed mapping answers first
