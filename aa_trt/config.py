@@ -253,7 +253,7 @@ TINY_CLIP = dict(
 
 # The embedded default model's parts, trained here (stage 0): SD's VAE layout (8x) at a quarter
 # of its widths with 16 latent channels (with SD's 4 even a perfect denoiser's output, the VAE's
-# own reconstruction, scored below copying the reference: docs/training/v2/README.md), and a 64-pixel CLIP
+# own reconstruction, scored below copying the reference: docs/training.md, "Earlier default models"), and a 64-pixel CLIP
 # ViT with a 64-wide projection. The VAE keeps SD's 4 channels per norm group: with 2 (16 groups at width 32) a flat colour region leaves each
 # group only a sign after normalisation, and stage 0 stalled with grey reconstructions.
 SMALL_VAE = dict(

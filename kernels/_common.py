@@ -42,7 +42,7 @@ def is_interpreted(kernel) -> bool:
 
 
 def upcast_dots(dtype: torch.dtype, kernel) -> bool:
-    """Run the dots in fp32: the interpreter's bf16 tl.dot multiplies raw bits (DESIGN §5)."""
+    """Run the dots in fp32: Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits."""
     return dtype == torch.bfloat16 and is_interpreted(kernel)
 
 

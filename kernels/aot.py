@@ -349,7 +349,7 @@ def run(tgts: Iterable[Target], *, all_candidates: bool = True, progress=None,
     survives pruning); one record per compiled configuration. `only`: compile that configuration
     instead (for experiments and tests).
 
-    isolate (default: when TRITON_INTERPRET=1 is set here, as in the CPU test session): compile
+    isolate (default: when TRITON_INTERPRET=1 is set here, as when the tests run on a CPU): compile
     in a fresh Python process without it. A process that has run interpreted kernels cannot
     compile reliably any more (the interpreter patches triton.language while kernels run; a
     compile afterwards fails with "'value' object has no attribute 'data'")."""

@@ -30,7 +30,7 @@ record under `continues`).
 model's own final latents (denoised.py, `aa-trt data denoised`) against the frames they should have
 been. The encoder's latents are not what the decoder meets at inference; the denoiser's miss them in
 ways of their own (washed-out backgrounds, soft limbs). On the default model it did not help
-(docs/training/commands.sh: validation SSIM 0.8399 with it against 0.8424 without); it is kept
+(docs/training.md: validation SSIM 0.8399 with it against 0.8424 without); it is kept
 for models whose denoiser misses more.
 """
 from __future__ import annotations

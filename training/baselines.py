@@ -1,4 +1,5 @@
-"""The two reference-only baselines `aa-trt eval` reports beside the model (DESIGN §7).
+"""The two reference-only baselines `aa-trt eval` reports beside the model: what a method that only
+moves the reference scores, which a generative model has to beat.
 
 - copy: every output frame is the reference frame.
 - skeleton warp: the reference warped part by part onto each target skeleton. Starting from the
