@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from aa_trt import fused
+
 # Which implementation runs the attention (and GroupNorm + SiLU) below (`set_backend`):
 #   "auto":   the Triton kernels on CUDA fp16/bf16 tensors when triton imports and the head dim is
 #             supported; SDPA (and F.group_norm + F.silu) otherwise, except `short_attention`
@@ -159,14 +161,70 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
 def _is_short(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `_torch_attention` takes `short_attention`: CPU tensors under "auto", few queries
     and keys, and not while tracing or exporting (graphs keep SDPA's form)."""
-    if _tracing():
+    if _tracing() or fused.is_plain():
         return False
     return (_backend == "auto" and q.device.type == "cpu"
             and q.shape[1] <= SHORT_SEQUENCE and k.shape[1] <= SHORT_SEQUENCE)
 
 
+# The scores one chunk of `chunked_attention` materialises: large enough for the GEMMs to run at
+# their rate, small enough to stay in the last-level cache of a server CPU.
+CHUNK_SCORE_BYTES = 16 << 20
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      score_bytes: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
+    """`sdpa_attention` as batched GEMMs and a softmax, over chunks of queries: the two GEMMs run
+    at the machine's matmul rate, where the CPU flash kernel's blocking does not at head dims of
+    40 and more on some CPUs (chosen per shape by measuring, `cpu_attention`). The scores are
+    rounded to the inputs' dtype before the softmax (bf16: ~4x flash's error on the output).
+    q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
+    b, n, c = q.shape
+    m, d = k.shape[1], c // heads
+    bh = b * heads
+    qh = split_heads(q, heads).reshape(bh, n, d)
+    kt = split_heads(k, heads).reshape(bh, m, d).transpose(1, 2)  # (bh, d, m): a transposed GEMM operand
+    vh = split_heads(v, heads).reshape(bh, m, d)
+    out = torch.empty(b, n, heads, d, dtype=q.dtype, device=q.device)
+    rows = max(1, min(n, score_bytes // max(1, bh * m * q.element_size())))
+    scale = d ** -0.5
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        scores = torch.empty(bh, e - s, m, dtype=q.dtype, device=q.device)
+        torch.baddbmm(scores, qh[:, s:e], kt, beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
+        o = torch.bmm(scores.softmax(-1), vh)  # (bh, e - s, d)
+        out[:, s:e] = o.view(b, heads, e - s, d).transpose(1, 2)
+    return out.view(b, n, c)
+
+
+def _attention_candidates(q, k, heads):
+    """Random work of q's and k's shape (two rows at most: time grows with rows alike)."""
+    g = torch.Generator().manual_seed(0)
+    rows = min(q.shape[0], 2)
+    qq = torch.randn((rows,) + tuple(q.shape[1:]), generator=g).to(q.dtype)
+    kk = torch.randn((rows,) + tuple(k.shape[1:]), generator=g).to(k.dtype)
+    vv = torch.randn((rows,) + tuple(k.shape[1:]), generator=g).to(k.dtype)
+    return {"sdpa": lambda: sdpa_attention(qq, kk, vv, heads),
+            "gemm": lambda: chunked_attention(qq, kk, vv, heads)}
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention on the CPU by whichever of SDPA's flash kernel and `chunked_attention` measured
+    faster on this machine for this shape (aa_trt.autotune, once per machine)."""
+    from aa_trt import autotune
+
+    n, m, d = q.shape[1], k.shape[1], q.shape[2] // heads
+    key = f"attention:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+    choice = autotune.choose(key, ("sdpa", "gemm"), lambda: _attention_candidates(q, k, heads))
+    return chunked_attention(q, k, v, heads) if choice == "gemm" else sdpa_attention(q, k, v, heads)
+
+
 def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    return short_attention(q, k, v, heads) if _is_short(q, k) else sdpa_attention(q, k, v, heads)
+    if _is_short(q, k):
+        return short_attention(q, k, v, heads)
+    if _backend == "auto" and fused.active(q):  # a CPU tensor outside tracing and `fused.plain()`
+        return cpu_attention(q, k, v, heads)
+    return sdpa_attention(q, k, v, heads)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

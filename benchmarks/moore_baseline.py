@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aa_trt import fused
 from aa_trt.models.layers import ReferenceState, TransformerBlock
 from aa_trt.models.reference_kv import quantize_bank
 from aa_trt.pipeline import Animator
@@ -72,10 +73,11 @@ def moore_attention(unet):
     def patch(block):
         original = block.self_attention
 
-        def self_attention(self, x, ref):
+        def self_attention(self, x, ref, residual=None):
             if isinstance(ref, MooreReferenceState):
-                return moore_self_attention(self, x, ref)
-            return original(x, ref)
+                out = moore_self_attention(self, x, ref)
+                return out if residual is None else residual + out
+            return original(x, ref, residual)
 
         block.self_attention = types.MethodType(self_attention, block)
 
@@ -85,11 +87,14 @@ def moore_attention(unet):
         block.cross_attention = types.MethodType(cross_attention, block)
 
     backend = attn_math.set_backend("sdpa")
+    plain = fused.plain()  # diffusers' NCHW layout and unfused layers
+    plain.__enter__()
     try:
         for block in blocks:
             patch(block)
         yield unet
     finally:
+        plain.__exit__(None, None, None)
         attn_math.set_backend(backend)
         for name, saved_methods in (("self_attention", saved), ("cross_attention", saved_cross)):
             for block, previous in zip(blocks, saved_methods):
@@ -179,6 +184,7 @@ def moore_animate(animator: Animator, ref_image: Image.Image, poses: np.ndarray,
                   steps: int = 20, guidance: float = 3.5, context_frames: int = 24,
                   context_overlap: int = 4, output: str = "np"):
     """The whole pipeline, Moore-style: conditioning, denoising, then decoding frame by frame."""
-    cond = moore_prepare(animator, ref_image, poses, guidance)
-    out = moore_denoise(animator, cond, latents, steps, guidance, context_frames, context_overlap)
-    return out if output == "latent" else animator.decode(out, chunk=1)
+    with fused.plain():  # diffusers computes everything unfused, in NCHW
+        cond = moore_prepare(animator, ref_image, poses, guidance)
+        out = moore_denoise(animator, cond, latents, steps, guidance, context_frames, context_overlap)
+        return out if output == "latent" else animator.decode(out, chunk=1)

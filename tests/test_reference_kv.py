@@ -59,8 +59,9 @@ def _naive_unet(den, banks, x, t, ctx, frames, use_ref):
     for block in den.transformer_blocks():
         bank = banks[block.index]
 
-        def naive(h, ref, block=block, bank=bank):
-            return torch.cat([naive_self_attention(block, h[s:e], bank, u) for s, e, u in rows])
+        def naive(h, ref, residual=None, block=block, bank=bank):
+            out = torch.cat([naive_self_attention(block, h[s:e], bank, u) for s, e, u in rows])
+            return out if residual is None else residual + out
 
         originals[block] = block.self_attention
         block.self_attention = naive

@@ -6,6 +6,7 @@ the ReferenceNet and the denoising UNet share one implementation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_trt import attention as attn_math
+from aa_trt import fused
+from aa_trt.layout import is_channels_last
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -67,13 +70,18 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # x (n, c, h, w), temb (n, temb_ch): the time embedding, one row per frame.
-        h = self.conv1(norm_silu(self.norm1, x))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(norm_silu(self.norm2, h))
+        # x (n, c, h, w) in either memory layout (kept); temb (n, temb_ch), one row per frame, or
+        # (1, temb_ch) when every row has the same timestep.
+        t = self.time_emb_proj(F.silu(temb))  # (n or 1, out_ch)
+        h = norm_silu(self.norm1, x)
+        if t.shape[0] == 1 and fused.active(h):
+            h = fused.conv_bias(h, self.conv1, t[0])  # one timestep: the embedding is a bias
+        else:
+            h = self.conv1(h) + t[:, :, None, None]
+        h = norm_silu(self.norm2, h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return fused.conv_add(h, self.conv2, x)  # conv2(h) + x, the add fused on the CPU
 
 
 class Downsample(nn.Module):
@@ -93,11 +101,22 @@ class Upsample(nn.Module):
     def forward(self, x, size=None):
         # Nearest x2; `size` forces the skip connection's size when the input was not a multiple of 2**levels.
         dtype = x.dtype
-        if dtype == torch.bfloat16:  # upsample_nearest2d has no bf16 kernel on some builds
-            x = x.float()
+        if dtype == torch.bfloat16 and not _bf16_upsample(x.device.type):
+            x = x.float()  # upsample_nearest2d has no bf16 kernel on some builds
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None \
             else F.interpolate(x, size=size, mode="nearest")
         return self.conv(x.to(dtype))
+
+
+@functools.cache
+def _bf16_upsample(device: str) -> bool:
+    """Whether this torch upsamples bf16 tensors on `device` itself (then no round trip via fp32:
+    two copies of the upsampled tensor saved)."""
+    try:
+        F.interpolate(torch.ones(1, 1, 2, 2, dtype=torch.bfloat16, device=device), scale_factor=2.0, mode="nearest")
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class Attention(nn.Module):
@@ -112,10 +131,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x (n, L, c), context (n, S, d) -> (n, L, c), plus `residual` (n, L, c) when given.
         ctx = x if context is None else context
         out = attn_math.attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
-        return self.to_out[0](out)
+        return self.project_out(out, residual)
+
+    def project_out(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """to_out(out) (+ residual, fused on the CPU)."""
+        lin = self.to_out[0]
+        if residual is None:
+            return fused.linear(out, lin.weight, lin.bias)
+        return fused.linear_add(out, lin.weight, lin.bias, residual)
 
     def one_token(self, context: torch.Tensor) -> torch.Tensor:
         """`forward(x, context)` when the context is a single token, for any x: the softmax over
@@ -130,8 +158,15 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        # x (n, L, dim) -> (n, L, inner). The projection's two halves run as two GEMMs: gelu on
+        # the gate's output and the product with the other half are then their epilogues.
+        inner = self.proj.out_features // 2
+        w, b = self.proj.weight, self.proj.bias
+        if not fused.active(x, w, b):
+            h, gate = self.proj(x).chunk(2, dim=-1)
+            return h * F.gelu(gate)
+        gate = fused.linear(x, w[inner:], b[inner:], "gelu")
+        return fused.linear_mul(x, w[:inner], b[:inner], gate)
 
 
 # The feed-forward's inner activations are the largest tensors of a denoising step: at 512x768,
@@ -146,16 +181,23 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
 
-    def forward(self, x):
-        # x (n, L, c) -> (n, L, c)
+    def forward(self, x, residual: torch.Tensor | None = None):
+        # x (n, L, c) -> (n, L, c), plus `residual` (n, L, c) when given (fused on the CPU).
         per_row = x[0].numel() * self.net[0].proj.out_features // x.shape[-1]
         rows = max(1, FF_CHUNK_ELEMENTS // max(1, per_row))
         if x.shape[0] <= rows or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self.net[2](self.net[0](x))  # an exported graph keeps its batch axis dynamic
+            return self._rows(x, residual)  # an exported graph keeps its batch axis dynamic
         out = torch.empty_like(x)  # chunks written in place: the output is held once
         for s in range(0, x.shape[0], rows):
-            out[s:s + rows] = self.net[2](self.net[0](x[s:s + rows]))
+            out[s:s + rows] = self._rows(x[s:s + rows], None if residual is None else residual[s:s + rows])
         return out
+
+    def _rows(self, x, residual):
+        out = self.net[2]
+        h = self.net[0](x)
+        if residual is None:
+            return fused.linear(h, out.weight, out.bias)
+        return fused.linear_add(h, out.weight, out.bias, residual)
 
 
 @dataclass
@@ -209,17 +251,18 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def self_attention(self, x: torch.Tensor, ref: ReferenceState | None) -> torch.Tensor:
-        # x (n, L, c) = norm1 output of n frames.
+    def self_attention(self, x: torch.Tensor, ref: ReferenceState | None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x (n, L, c) = norm1 output of n frames; the result plus `residual` when given.
         a = self.attn1
         q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
         if ref is None or ref.kv is None:
-            return a.to_out[0](attn_math.attention(q, k, v, a.heads))
+            return a.project_out(attn_math.attention(q, k, v, a.heads), residual)
         k_ref, v_ref = ref.kv[self.index]
         # One call for cond and uncond rows: the kernel skips the reference per row; the plain
         # path splits the batch into runs of equal flags.
         out = attn_math.reference_attention(q, k, v, k_ref, v_ref, a.heads, ref.row_flags())
-        return a.to_out[0](out)
+        return a.project_out(out, residual)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
         # x (n, L, c) tokens, context (n, S, context_dim)
@@ -228,9 +271,9 @@ class TransformerBlock(nn.Module):
             ref.bank.append(h)
             if ref.bank_limit is not None and len(ref.bank) >= ref.bank_limit:
                 raise BankComplete
-        x = x + self.self_attention(h, ref)
+        x = self.self_attention(h, ref, residual=x)
         x = x + self.cross_attention(x, context)
-        return x + self.ff(self.norm3(x))
+        return self.ff(self.norm3(x), residual=x)
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x (n, L, c), context (n, S, d) -> (n, L, c), or (n, 1, c) to broadcast when S = 1.
@@ -255,11 +298,26 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
-        # x (n, c, h, w) -> (n, c, h, w)
+        # x (n, c, h, w) -> (n, c, h, w), in x's memory layout
         n, c, hh, ww = x.shape
+        if is_channels_last(x):
+            return self._forward_nhwc(x, context, ref)
         h = self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
         for block in self.transformer_blocks:
             h = block(h, context, ref)
         h = h.reshape(n, hh, ww, c).permute(0, 3, 1, 2)
         return self.proj_out(h.contiguous()) + x
+
+    def _forward_nhwc(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None):
+        # In channels-last memory x (n, c, h, w) is the token matrix (n, h*w, c): the 1x1
+        # projections run as linear layers on it and nothing is permuted or copied.
+        n, c, hh, ww = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # views
+        pin, pout = self.proj_in, self.proj_out
+        h = fused.linear(tokens, pin.weight.view(c, c), pin.bias)
+        for block in self.transformer_blocks:
+            h = block(h, context, ref)
+        residual = x.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+        out = fused.linear_add(h, pout.weight.view(c, c), pout.bias, residual)
+        return out.view(n, hh, ww, c).permute(0, 3, 1, 2)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from aa_trt import attention as attn_math
+from aa_trt import fused
+from aa_trt.layout import is_channels_last
 from aa_trt.models.layers import FeedForward
 
 
@@ -52,16 +54,20 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
-    def forward(self, x):  # x (b*h*w, f, c)
+    def forward(self, x, residual: torch.Tensor | None = None):
+        # x (b*h*w, f, c) -> (b*h*w, f, c), plus `residual` (same shape) when given.
         if attn_math.kernels_for(x, self.heads):
             # The kernel adds pe W^T per frame as it loads q/k/v: exact for bias-free projections,
             # and one pass over the activations fewer than adding pe first.
             bq, bk, bv = self._folded_pe(x.shape[1], x.dtype)
             out = attn_math.temporal_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, bq, bk, bv)
-            return self.to_out[0](out)
-        x = self.pos_encoder(x)
-        out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
-        return self.to_out[0](out)
+        else:
+            x = self.pos_encoder(x)
+            out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
+        lin = self.to_out[0]
+        if residual is None:
+            return fused.linear(out, lin.weight, lin.bias)
+        return fused.linear_add(out, lin.weight, lin.bias, residual)
 
     def _folded_pe(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """pe[:frames] W^T for q, k, v (frames, c), cached until the weights or the shape change."""
@@ -86,8 +92,8 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, x):  # x (b*h*w, f, c)
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x))
-        return x + self.ff(self.ff_norm(x))
+            x = attn(norm(x), residual=x)
+        return self.ff(self.ff_norm(x), residual=x)
 
 
 class TemporalTransformer(nn.Module):
@@ -103,15 +109,34 @@ class TemporalTransformer(nn.Module):
         # x (b*f, c, h, w) -> (b*f, c, h, w). GroupNorm per frame, as Moore/AnimateDiff do.
         bf, c, hh, ww = x.shape
         b = bf // frames
+        if is_channels_last(x):
+            return self._forward_nhwc(x, frames)
         h = self.norm(x)
         # (b, f, c, h, w) -> (b, h, w, f, c) -> (b*h*w, f, c)
         h = h.view(b, frames, c, hh * ww).permute(0, 3, 1, 2).reshape(b * hh * ww, frames, c)
-        h = self.proj_in(h)
+        h = fused.linear(h, self.proj_in.weight, self.proj_in.bias)
         for block in self.transformer_blocks:
             h = block(h)
-        h = self.proj_out(h)
+        h = fused.linear(h, self.proj_out.weight, self.proj_out.bias)
         h = h.view(b, hh, ww, frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, hh, ww)
         return h + x
+
+    def _forward_nhwc(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # Channels-last x (b*f, c, h, w) is the token tensor (b, f, h*w, c) in memory: the
+        # token-wise projections run on it as it lies; only the attention's frame-major layout
+        # (b*h*w, f, c) needs one transposing copy in and one out, and proj_out's epilogue adds
+        # the residual.
+        bf, c, hh, ww = x.shape
+        b, p = bf // frames, hh * ww
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        h = fused.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (b, f, p, c)
+        h = h.transpose(1, 2).reshape(b * p, frames, c)  # the one copy in
+        for block in self.transformer_blocks:
+            h = block(h)
+        h = h.view(b, p, frames, c).transpose(1, 2).contiguous()  # the one copy out: (b, f, p, c)
+        residual = x.permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        out = fused.linear_add(h, self.proj_out.weight, self.proj_out.bias, residual)
+        return out.view(bf, hh, ww, c).permute(0, 3, 1, 2)  # channels-last (b*f, c, h, w)
 
 
 class MotionModule(nn.Module):

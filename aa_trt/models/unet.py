@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aa_trt import fused
 from aa_trt.config import MotionConfig, UNetConfig
+from aa_trt.layout import unet_format
 from aa_trt.models.layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
                      TimestepEmbedding, TransformerBlock, Upsample, norm_silu, timestep_embedding)
 from aa_trt.models.motion import MotionModule
@@ -168,11 +170,27 @@ class UNet(nn.Module):
     def motion_modules(self) -> list[MotionModule]:
         return [m for m in self.modules() if isinstance(m, MotionModule)]
 
+    def _conv_weights_to(self, fmt: torch.memory_format) -> None:
+        """Keep the convolution weights in the activations' layout: oneDNN would otherwise reorder
+        each weight at every call (and an NHWC weight would turn an NCHW call's output NHWC)."""
+        if getattr(self, "_conv_format", torch.contiguous_format) == fmt:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self._conv_format = fmt
+
     # ------------------------------------------------------------------ forward
     def time_embed(self, timestep, batch: int, frames: int, device, dtype) -> torch.Tensor:
+        """(batch * frames, temb) rows, or (1, temb) when every row has the same timestep (the
+        resnets then fold it into their convolution's bias on the CPU)."""
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
+        if t.shape[0] == 1 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                                     self.cfg.freq_shift).to(dtype)
+            return self.time_embedding(emb)  # (1, temb), broadcast over the rows
         # The embedding of t, then its rows to the batch (t has one entry or `batch` of them).
         emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                  self.cfg.freq_shift).expand(batch, -1).to(dtype)
@@ -189,9 +207,15 @@ class UNet(nn.Module):
         if context.shape[0] != n:
             context = context.repeat_interleave(frames, dim=0)
 
-        h = self.conv_in(x)
+        # The activations' memory layout, measured per machine (aa_trt.layout); every block keeps it.
+        fmt = unet_format(x, self.cfg.block_out_channels[0], self.cfg.norm_num_groups)
+        self._conv_weights_to(fmt)
+        if fmt is not torch.contiguous_format:
+            x = x.contiguous(memory_format=fmt)
         if pose is not None:
-            h = h + pose
+            h = fused.conv_add(x, self.conv_in, pose.contiguous(memory_format=fmt))
+        else:
+            h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             h, s = block(h, temb, context, frames, ref)
@@ -204,7 +228,7 @@ class UNet(nn.Module):
             h = block(h, block_skips, temb, context, frames, ref, up_size)
         if self.conv_out is None:
             return h
-        return self.conv_out(norm_silu(self.conv_norm_out, h))
+        return self.conv_out(norm_silu(self.conv_norm_out, h)).contiguous()  # NCHW out (c_out is small)
 
     def reference_bank(self, x: torch.Tensor, timestep, context: torch.Tensor) -> list[torch.Tensor]:
         """ReferenceNet mode: the norm1 output of every transformer block, (b, L_i, C_i) each.

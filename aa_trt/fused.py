@@ -1,0 +1,155 @@
+"""Linear and convolution layers with their epilogue fused, on the CPU: bias, GELU, a residual
+add or a gating product computed by oneDNN while the GEMM's output is still in cache.
+
+Why: a bf16 `F.linear` with a bias runs as addmm, which first copies the broadcast bias into the
+output (a full write of it), then accumulates the GEMM on top; the residual add, the GELU and
+GEGLU's product after it are each one more pass over the same tensor. In one UNet call at SD1.5
+half width (16 frames, CFG) those copies alone were 214 `copy_` calls writing 2 GB. oneDNN's
+matmul and convolution primitives take the bias and these operations as post-ops
+(`torch.ops.mkldnn._linear_pointwise` / `_convolution_pointwise`, the ops inductor's CPU backend
+emits), so the output is written once.
+
+Every function here has a plain reference with the same signature (`*_reference`) that the fast
+path falls back to (CUDA tensors, autograd, tracing and export, other dtypes, a torch without
+oneDNN) and that the tests compare it against. In fp32 the fused result equals the reference to
+rounding; in bf16 it is rounded once instead of twice (closer to fp32, not bit-equal).
+
+`plain()` turns every fast path of the CPU (these fusions, the channels-last layout and the
+measured attention choice) off for a block of code: the Moore-style baseline computes that way.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def plain() -> Iterator[None]:
+    """Within: the plain computation everywhere (no fusions, NCHW, SDPA attention)."""
+    saved = getattr(_state, "plain", False)
+    _state.plain = True
+    try:
+        yield
+    finally:
+        _state.plain = saved
+
+
+def is_plain() -> bool:
+    return getattr(_state, "plain", False)
+
+
+@functools.cache
+def _have_onednn() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def active(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether the CPU fast paths apply to x: a CPU fp32/bf16 tensor outside autograd and tracing,
+    with oneDNN present and `plain()` not in force."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or is_plain():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    return not _tracing() and _have_onednn()
+
+
+def _ok_params(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.stride(-1) == 1
+
+
+# ---------------------------------------------------------------------------- linear
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     act: str = "none") -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if act == "gelu" else y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """act(x W^T + b), act "none" or "gelu" (erf form, as F.gelu).  x (..., k) -> (..., n)."""
+    if act not in ("none", "gelu"):
+        raise ValueError(f"act={act!r}: 'none' or 'gelu'")
+    if active(x, weight, bias) and _ok_params(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none" if act == "gelu" else "")
+    return linear_reference(x, weight, bias, act)
+
+
+def linear_add_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         other: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias) + other
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               other: torch.Tensor) -> torch.Tensor:
+    """x W^T + b + other (a residual of the output's shape).  x (..., k), other (..., n)."""
+    if _binary_ok(x, weight, bias, other):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+    return linear_add_reference(x, weight, bias, other)
+
+
+def linear_mul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         other: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias) * other
+
+
+def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               other: torch.Tensor) -> torch.Tensor:
+    """(x W^T + b) * other (GEGLU's gate).  x (..., k), other (..., n)."""
+    if _binary_ok(x, weight, bias, other):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "mul")
+    return linear_mul_reference(x, weight, bias, other)
+
+
+def _binary_ok(x, weight, bias, other) -> bool:
+    return (active(x, weight, bias, other) and _ok_params(x, weight, bias) and other.dtype == x.dtype
+            and other.shape == x.shape[:-1] + weight.shape[:1] and other.is_contiguous()
+            and x.is_contiguous())
+
+
+# ---------------------------------------------------------------------------- convolution
+def conv_add_reference(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
+    return conv(x) + other
+
+
+def conv_add(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
+    """conv(x) + other, other of the output's shape and x's memory layout.  (n, c, h, w)."""
+    w, b = conv.weight, conv.bias
+    if (active(x, w, b, other) and _ok_params(x, w, b) and other.dtype == x.dtype
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
+            and _same_layout(x, other)):
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            "add", None, None, [], None)
+    return conv_add_reference(x, conv, other)
+
+
+def _same_layout(x: torch.Tensor, other: torch.Tensor) -> bool:
+    if x.is_contiguous() and other.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return x.is_contiguous(memory_format=cl) and other.is_contiguous(memory_format=cl)
+
+
+def conv_bias(x: torch.Tensor, conv: torch.nn.Conv2d, extra: torch.Tensor) -> torch.Tensor:
+    """conv(x) + extra, extra (c_out,) added to every position of every row: folded into the
+    convolution's bias (the time embedding of a call whose rows share one timestep)."""
+    bias = extra if conv.bias is None else conv.bias + extra
+    return F.conv2d(x, conv.weight, bias.to(x.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_bias_reference(x: torch.Tensor, conv: torch.nn.Conv2d, extra: torch.Tensor) -> torch.Tensor:
+    return conv(x) + extra[:, None, None]
