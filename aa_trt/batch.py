@@ -64,8 +64,12 @@ def read_jobs(path: Path) -> list[tuple[int, dict | Exception]]:
     """[(line number, job dict or the error that line has)], one per non-blank, non-# line."""
     if not path.is_file():
         raise InputError(f"{path}: no such jobs file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); one JSON object per line") from None
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -25,6 +25,7 @@ from aa_trt.files import atomic_output
 _READ_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENXIO, errno.ENODEV}
 
 MAX_IMAGE_PIXELS = 1 << 26  # 67 Mpixel (8192 x 8192): a bigger picture is refused before it is decoded
+MAX_FPS = 1000.0  # a declared frame rate above this is a broken header, not a video
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FOLDER_FPS = 30.0
 
@@ -121,6 +122,11 @@ class ClipStream:
             raise InputError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
         if first is None:
             raise InputError(f"{path}: no frames" + (f" at or after frame {start}" if start else ""))
+        if not (0 < self.source_fps <= MAX_FPS):
+            raise InputError(f"{path}: declares {self.source_fps:g} frames per second; expected 0 < fps <= {MAX_FPS}")
+        if first.width * first.height > MAX_IMAGE_PIXELS or min(first.width, first.height) <= 0:
+            raise InputError(f"{path}: frames of {first.width}x{first.height} pixels; at most "
+                             f"{MAX_IMAGE_PIXELS} pixels a frame are read")
         self.start_time = float(first.time) if first.time is not None else start / self.source_fps
         self.first_shape = (first.height, first.width, 3)
 

@@ -39,6 +39,42 @@ def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(f, size, interpolation=interp) for f in a])
 
 
+def read_meta(meta: Path) -> list[dict]:
+    """A meta JSON file: a list of {video_path, kps_path} or {npz_path} entries (InputError naming
+    the file, and the entry, for anything else)."""
+    try:
+        entries = json.loads(meta.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{meta}: not a meta JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(entries, list):
+        raise InputError(f"{meta}: expected a list of videos, found {type(entries).__name__}")
+    for i, e in enumerate(entries):
+        ok = isinstance(e, dict) and (isinstance(e.get("npz_path"), str) and e["npz_path"] or
+                                      all(isinstance(e.get(k), str) and e[k] for k in ("video_path", "kps_path")))
+        if not ok:
+            raise InputError(f"{meta}: entry {i} is not {{video_path, kps_path}} or {{npz_path}} (paths as text)")
+    return entries
+
+
+def read_video_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic video's npz: frames and poses uint8 (N, H, W, 3), keypoints (N, 128, 3)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            frames, poses, kps = z["frames"], z["poses"], z["keypoints"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as e:  # a damaged zip, a truncated array, a missing array
+        raise InputError(f"{path}: not a readable video npz ({type(e).__name__}: {e})") from None
+    n = len(frames) if frames.ndim == 4 else 0
+    if (frames.dtype != np.uint8 or poses.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3
+            or poses.shape != frames.shape or n == 0 or min(frames.shape[1:3]) == 0
+            or kps.shape != (n, 128, 3)):
+        raise InputError(f"{path}: expected frames and poses uint8 (N, H, W, 3) and keypoints (N, 128, 3), "
+                         f"found {frames.dtype}{list(frames.shape)}, {poses.dtype}{list(poses.shape)}, "
+                         f"{list(kps.shape)}")
+    return frames, poses, np.asarray(kps, np.float32)
+
+
 class VideoSet:
     """The videos of one meta file, loaded lazily, the last `cache` of them kept in memory."""
 
@@ -49,7 +85,8 @@ class VideoSet:
         if not meta.is_file():
             raise InputError(f"{meta}: no such meta file (expected a data folder with train.json)")
         self.root = meta.parent
-        self.entries = json.loads(meta.read_text())
+        self.meta = meta
+        self.entries = read_meta(meta)
         if not self.entries:
             raise InputError(f"{meta}: no videos")
         self.size = size  # (width, height) or None: as stored
@@ -75,8 +112,7 @@ class VideoSet:
 
     def _load(self, e: dict) -> Video:
         if "npz_path" in e:
-            with np.load(self._path(e["npz_path"])) as z:
-                frames, poses, kps = z["frames"], z["poses"], z["keypoints"]
+            frames, poses, kps = read_video_npz(self._path(e["npz_path"]))
             if self.size is not None and (frames.shape[2], frames.shape[1]) != self.size:
                 from aa_trt.pose.draw import render
                 from aa_trt.pose.keypoints import Pose
@@ -89,6 +125,9 @@ class VideoSet:
 
         frames = np.stack(read_clip(self._path(e["video_path"])).frames)
         poses = np.stack(read_clip(self._path(e["kps_path"])).frames)
+        if frames.shape[1:] != poses.shape[1:]:
+            raise InputError(f"{self._path(e['kps_path'])}: frames of another size than "
+                             f"{self._path(e['video_path'])}'s")
         n = min(len(frames), len(poses))
         size = self.size or (frames.shape[2], frames.shape[1])
         return Video(_resize(frames[:n], size), _resize(poses[:n], size))

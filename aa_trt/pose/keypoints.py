@@ -60,7 +60,16 @@ def save_poses(path, poses: "list[Pose | None]", width: int, height: int) -> Non
 
 
 def load_poses(path) -> "list[Pose | None]":
-    """What `save_poses` wrote (KeyError/ValueError/OSError for anything else)."""
-    with np.load(path) as z:
-        arr, found, size = z["keypoints"], z["found"], z["size"]
-    return [Pose.from_array(a, int(size[0]), int(size[1])) if ok else None for a, ok in zip(arr, found)]
+    """What `save_poses` wrote (KeyError/ValueError/OSError for anything else: a broken zip, a
+    truncated array, arrays of other shapes are a ValueError naming the file)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arr, found, size = z["keypoints"], z["found"], z["size"]
+        arr, found, size = np.asarray(arr, np.float32), np.asarray(found, bool), np.asarray(size)
+        if arr.ndim != 3 or arr.shape[1:] != (128, 3) or found.shape != arr.shape[:1] or size.shape != (2,):
+            raise ValueError("arrays of other shapes than keypoints (N, 128, 3), found (N,), size (2,)")
+        return [Pose.from_array(a, int(size[0]), int(size[1])) if ok else None for a, ok in zip(arr, found)]
+    except (OSError, KeyError, ValueError):
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ...: a damaged file
+        raise ValueError(f"{path}: not a saved-pose file ({type(e).__name__}: {e})") from None
