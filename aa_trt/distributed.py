@@ -18,7 +18,7 @@ import torch
 
 from aa_trt import dist as D
 from aa_trt.errors import OptionError
-from aa_trt.guidance import check_parallel_mode
+from aa_trt.options import check_parallel_mode
 from aa_trt.models.reference_kv import ReferenceKV
 from aa_trt.options import SampleOptions
 from aa_trt.pipeline import Animator, Conditioning

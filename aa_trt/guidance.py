@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from aa_trt.errors import OptionError
-
-PARALLEL_MODES = ("auto", "window", "guidance", "both")
+from aa_trt.options import PARALLEL_MODES, check_parallel_mode  # noqa: F401  (their home is options.py)
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -81,12 +80,6 @@ class WindowIndexCache:
 
 
 # ---------------------------------------------------------------------------------- plans
-def check_parallel_mode(mode: str) -> str:
-    if mode not in PARALLEL_MODES:
-        raise OptionError("parallel", mode, f"expected one of {', '.join(PARALLEL_MODES)}")
-    return mode
-
-
 @dataclass(frozen=True)
 class Plan:
     """Which (branch, window) units this rank computes in every step."""

@@ -18,6 +18,15 @@ from aa_trt.errors import OptionError
 
 CONTEXT_SCHEDULES = ("uniform", "sliding")
 MAX_SEED = 2**63 - 1
+# How torchrun ranks share a denoise step (aa_trt.guidance.make_plan). Here, not in guidance.py,
+# so that checking a flag never imports torch (`aa-trt pose` and `--help` stay light).
+PARALLEL_MODES = ("auto", "window", "guidance", "both")
+
+
+def check_parallel_mode(mode: str) -> str:
+    if mode not in PARALLEL_MODES:
+        raise OptionError("parallel", mode, f"expected one of {', '.join(PARALLEL_MODES)}")
+    return mode
 
 
 def _int(name: str, value, low: int, high: int | None = None) -> None:

@@ -116,7 +116,7 @@ def sampling_schedule(cfg: SchedulerConfig, steps: int, power: float | None = No
     DDIMScheduler rules (ddim_schedule; Moore-exact). A number: power_timesteps, each step from
     one timestep to the next and the last to the clean sample (alpha_bar 1). Why: with trailing
     spacing almost all of a 10-step render's distance from the converged one is made by its last
-    step (t 99 -> clean; docs/samplers.md, "Where the error is made"); power 2 shrinks it to 9."""
+    step (t 99 -> clean; docs/samplers.md, "Power-spaced timesteps"); power 2 shrinks it to 9."""
     if power is None:
         return ddim_schedule(cfg, steps)
     T = _check_steps(cfg, steps)

@@ -74,3 +74,11 @@ def test_an_installed_kernels_package_is_not_hidden_by_the_repository_folder(tmp
 
 def test_the_kernels_folder_is_not_a_regular_package():
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_checking_the_parallel_flag_imports_no_torch():
+    code = ("import sys\n"
+            "from aa_trt.options import PARALLEL_MODES, check_parallel_mode\n"
+            "assert check_parallel_mode('window') == 'window' and 'both' in PARALLEL_MODES\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
