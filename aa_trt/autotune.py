@@ -29,8 +29,9 @@ _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _loaded = False
 _forced: dict[str, str] = {}
-# The timer is a parameter so that tests can play a machine of either kind.
-Timer = Callable[[Callable[[], object]], float]
+# timer(name, fn) -> seconds: a parameter (and a module attribute) so that tests can play a
+# machine of either kind.
+Timer = Callable[[str, Callable[[], object]], float]
 
 
 def cache_file() -> Path:
@@ -53,7 +54,7 @@ def fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def best_time(fn: Callable[[], object], reps: int = 3) -> float:
+def best_time(name: str, fn: Callable[[], object], reps: int = 3) -> float:
     """Best of `reps` timed calls after one warm-up (first calls create oneDNN primitives)."""
     fn()
     best = float("inf")
@@ -114,7 +115,7 @@ def choose(key: str, names: Sequence[str], make: Callable[[], Mapping[str, Calla
                 return names[0]
         candidates = make()
         measure = timer or best_time
-        times = {name: measure(candidates[name]) for name in names}
+        times = {name: measure(name, candidates[name]) for name in names}
         choice = min(names, key=lambda n: times[n])
         _memory[key] = choice
     if timer is None:

@@ -39,11 +39,24 @@ def _candidates(x: torch.Tensor, channels: int, groups: int):
     return {"nchw": work(torch.contiguous_format), "nhwc": work(CHANNELS_LAST)}
 
 
-def unet_format(x: torch.Tensor, channels: int, groups: int) -> torch.memory_format:
-    """The layout a UNet call on x (n, c_in, h, w) runs in: channels-last where the CPU fast paths
-    apply and it measured faster on this machine, NCHW otherwise (GPUs, tracing, `fused.plain()`)."""
+def choose_format(x: torch.Tensor, channels: int, groups: int) -> torch.memory_format:
+    """The layout a network (UNet, VAE decoder) whose first convolution has `channels` outputs runs
+    in, for an input x (n, c_in, h, w): channels-last where the CPU fast paths apply and it measured
+    faster on this machine, NCHW otherwise (GPUs, tracing, `fused.plain()`)."""
     if not fused.active(x) or x.dim() != 4:
         return torch.contiguous_format
     key = f"layout:{str(x.dtype).removeprefix('torch.')}:c{channels}:{x.shape[-2]}x{x.shape[-1]}"
     choice = autotune.choose(key, ("nchw", "nhwc"), lambda: _candidates(x, channels, groups))
     return CHANNELS_LAST if choice == "nhwc" else torch.contiguous_format
+
+
+def keep_conv_weights(module: torch.nn.Module, fmt: torch.memory_format) -> None:
+    """Store `module`'s convolution weights in the activations' layout `fmt`: oneDNN would
+    otherwise reorder each weight at every call, and an NHWC weight would turn an NCHW call's
+    output NHWC. Values and parameter identity are unchanged (an optimizer's references hold)."""
+    if getattr(module, "_conv_format", torch.contiguous_format) == fmt:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+    module._conv_format = fmt

@@ -14,7 +14,7 @@ from torch import nn
 
 from aa_trt import fused
 from aa_trt.config import MotionConfig, UNetConfig
-from aa_trt.layout import unet_format
+from aa_trt.layout import choose_format, keep_conv_weights
 from aa_trt.models.layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
                      TimestepEmbedding, TransformerBlock, Upsample, norm_silu, timestep_embedding)
 from aa_trt.models.motion import MotionModule
@@ -170,16 +170,6 @@ class UNet(nn.Module):
     def motion_modules(self) -> list[MotionModule]:
         return [m for m in self.modules() if isinstance(m, MotionModule)]
 
-    def _conv_weights_to(self, fmt: torch.memory_format) -> None:
-        """Keep the convolution weights in the activations' layout: oneDNN would otherwise reorder
-        each weight at every call (and an NHWC weight would turn an NCHW call's output NHWC)."""
-        if getattr(self, "_conv_format", torch.contiguous_format) == fmt:
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
-        self._conv_format = fmt
-
     # ------------------------------------------------------------------ forward
     def time_embed(self, timestep, batch: int, frames: int, device, dtype) -> torch.Tensor:
         """(batch * frames, temb) rows, or (1, temb) when every row has the same timestep (the
@@ -208,8 +198,8 @@ class UNet(nn.Module):
             context = context.repeat_interleave(frames, dim=0)
 
         # The activations' memory layout, measured per machine (aa_trt.layout); every block keeps it.
-        fmt = unet_format(x, self.cfg.block_out_channels[0], self.cfg.norm_num_groups)
-        self._conv_weights_to(fmt)
+        fmt = choose_format(x, self.cfg.block_out_channels[0], self.cfg.norm_num_groups)
+        keep_conv_weights(self, fmt)
         if fmt is not torch.contiguous_format:
             x = x.contiguous(memory_format=fmt)
         if pose is not None:

@@ -16,6 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aa_trt import attention as attn_math
+from aa_trt import fused
+from aa_trt.layout import choose_format, is_channels_last, keep_conv_weights
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)), the activation in place outside autograd: one buffer fewer per block."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
 EPS = 1e-6  # diffusers' resnet_eps inside the VAE (GroupNorm eps of every block)
 
 # The arguments of diffusers' AutoencoderKL.__init__; a saved config may hold more (`_class_name`...).
@@ -73,12 +82,12 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, c, h, w)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, c, h, w), either layout (kept)
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = norm_silu(self.norm2, h)
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x.contiguous())
-        return x + h
+            x = self.conv_shortcut(x)
+        return fused.conv_add(h, self.conv2, x)  # conv2(h) + x, the add fused on the CPU
 
 
 class SelfAttention(nn.Module):
@@ -95,11 +104,23 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, c, h, w)
         n, c, hh, ww = x.shape
+        if is_channels_last(x):
+            # NHWC memory is already the token matrix (n, hw, c): no transposes, residual fused.
+            tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+            h = self._attend(tokens)
+            out = fused.linear_add(h, self.to_out[0].weight, self.to_out[0].bias,
+                                   x.permute(0, 2, 3, 1).reshape(n, hh * ww, c))
+            return out.view(n, hh, ww, c).permute(0, 3, 1, 2)
         h = self.group_norm(x.view(n, c, hh * ww)).transpose(1, 2)  # (n, hw, c)
-        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (n, 1, hw, c)
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        h = self.to_out[0](h)
+        h = self.to_out[0](self._attend(h))
         return h.transpose(1, 2).reshape(n, c, hh, ww) + x
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        # h (n, hw, c) -> (n, hw, c): one head of all the channels
+        q, k, v = (fused.linear(h, p.weight, p.bias) for p in (self.to_q, self.to_k, self.to_v))
+        if fused.active(h):
+            return attn_math.attention(q, k, v, 1)  # SDPA or chunked GEMMs, as measured
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
 
 
 class MidBlock(nn.Module):
@@ -201,10 +222,13 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (n, c, h, w) -> (n, 3, h*f, w*f)
-        x = self.mid_block(self.conv_in(z))
+        # The activations' layout, measured per machine and size (aa_trt.layout); blocks keep it.
+        fmt = choose_format(z, self.conv_in.out_channels, self.conv_norm_out.num_groups)
+        keep_conv_weights(self, fmt)
+        x = self.mid_block(self.conv_in(z.contiguous(memory_format=fmt)))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x)).contiguous()
 
 
 class Posterior:

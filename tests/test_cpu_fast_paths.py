@@ -1,0 +1,237 @@
+"""The CPU fast paths against their plain references: oneDNN-fused epilogues (aa_trt.fused),
+channels-last activations (aa_trt.layout), attention by chunked GEMMs, and the measured choices
+between them (aa_trt.autotune), on random inputs in both precisions and both layouts.
+
+Tolerances: fp32 paths agree with the plain computation to rounding (relative 1e-5); bf16 paths
+are held to the error the plain bf16 computation itself makes against fp32, with a margin
+(fusion rounds once instead of twice, so it is usually closer).
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aa_trt import attention as attn_math
+from aa_trt import autotune, fused, layout
+from aa_trt.config import PRESETS
+from aa_trt.models import UNet
+from aa_trt.models.layers import ReferenceState
+from aa_trt.models.motion import MotionModule
+from aa_trt.models.vae import AutoencoderKL, VAEConfig
+
+from helpers import randomize_
+
+CL = torch.channels_last
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch, tmp_path):
+    monkeypatch.setenv("AA_TRT_CACHE", str(tmp_path))
+    autotune.forget()
+    yield
+    autotune.forget()
+
+
+# ---------------------------------------------------------------------------- fused epilogues
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_epilogues_match_references(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 48, generator=g)
+    w = torch.randn(80, 48, generator=g) / 48 ** 0.5
+    b = torch.randn(80, generator=g)
+    other = torch.randn(3, 37, 80, generator=g)
+    exact = {  # float64 truths
+        "none": F.linear(x.double(), w.double(), b.double()),
+        "gelu": F.gelu(F.linear(x.double(), w.double(), b.double())),
+        "add": F.linear(x.double(), w.double(), b.double()) + other.double(),
+        "mul": F.linear(x.double(), w.double(), b.double()) * other.double(),
+    }
+    xd, wd, bd, od = x.to(dtype), w.to(dtype), b.to(dtype), other.to(dtype)
+    with torch.no_grad():
+        got = {"none": fused.linear(xd, wd, bd), "gelu": fused.linear(xd, wd, bd, "gelu"),
+               "add": fused.linear_add(xd, wd, bd, od), "mul": fused.linear_mul(xd, wd, bd, od)}
+        ref = {"none": fused.linear_reference(xd, wd, bd), "gelu": fused.linear_reference(xd, wd, bd, "gelu"),
+               "add": fused.linear_add_reference(xd, wd, bd, od), "mul": fused.linear_mul_reference(xd, wd, bd, od)}
+    assert fused.active(xd), "oneDNN's fused ops should be available in the CPU wheel"
+    for name in exact:
+        if dtype == torch.float32:
+            assert _rel(got[name], ref[name]) < 1e-6, name
+        else:  # no worse than the unfused bf16 computation, against the float64 truth
+            assert _rel(got[name], exact[name]) <= 1.25 * _rel(ref[name], exact[name]) + 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_fused_conv_add_and_bias_match_references(dtype, fmt):
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(24, 16, 3, padding=1)
+    randomize_(conv, 2)
+    conv = conv.to(dtype).requires_grad_(False)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+    x = torch.randn(2, 24, 9, 11, generator=g).to(dtype).contiguous(memory_format=fmt)
+    other = torch.randn(2, 16, 9, 11, generator=g).to(dtype).contiguous(memory_format=fmt)
+    extra = torch.randn(16, generator=g).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    got = fused.conv_add(x, conv, other)
+    assert _rel(got, fused.conv_add_reference(x, conv, other)) < tol
+    assert got.is_contiguous(memory_format=fmt)
+    assert _rel(fused.conv_bias(x, conv, extra), fused.conv_bias_reference(x, conv, extra)) < tol
+
+
+def test_fused_paths_step_aside_for_autograd_and_plain():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    assert not fused.active(x, w)
+    fused.linear_add(x, w, None, torch.randn(4, 6)).sum().backward()  # the reference: gradients flow
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert fused.active(x)
+        with fused.plain():
+            assert not fused.active(x)
+        assert fused.active(x)
+
+
+# ---------------------------------------------------------------------------- measured choices
+def test_autotune_picks_the_faster_candidate_and_remembers_it(tmp_path):
+    calls = []
+    work = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    # Two machines: on one "b" is faster, on the other "a".
+    assert autotune.choose("k1", ("a", "b"), lambda: work, timer=lambda name, fn: 1.0 if name == "a" else 0.5) == "b"
+    assert autotune.choose("k2", ("a", "b"), lambda: work, timer=lambda name, fn: 0.1 if name == "a" else 0.5) == "a"
+    # A measured choice is kept in the process; with the real timer it is also written to disk.
+    assert autotune.chosen()["k1"] == "b"
+    assert autotune.choose("k3", ("a", "b"), lambda: work) in ("a", "b")
+    saved = json.loads((tmp_path / "tuning.json").read_text())
+    assert saved[autotune.fingerprint()]["k3"] == autotune.chosen()["k3"]
+    # A later process loads it instead of measuring again.
+    autotune.forget()
+    never = {"a": lambda: pytest.fail("measured again"), "b": lambda: pytest.fail("measured again")}
+    assert autotune.choose("k3", ("a", "b"), lambda: never) == saved[autotune.fingerprint()]["k3"]
+
+
+def test_autotune_off_takes_the_first_candidate_and_override_forces(monkeypatch):
+    monkeypatch.setenv("AA_TRT_AUTOTUNE", "0")
+    boom = lambda: pytest.fail("measured with measuring off")  # noqa: E731
+    assert autotune.choose("x:1", ("plain", "fast"), boom) == "plain"
+    with autotune.override({"x:": "fast"}):
+        assert autotune.choose("x:1", ("plain", "fast"), boom) == "fast"
+    assert autotune.choose("x:1", ("plain", "fast"), boom) == "plain"
+
+
+def test_a_corrupt_cache_file_is_measured_over(tmp_path):
+    (tmp_path / "tuning.json").write_text("{not json")
+    assert autotune.choose("k", ("a", "b"), lambda: {"a": lambda: None, "b": lambda: None}) in ("a", "b")
+    assert "k" in json.loads((tmp_path / "tuning.json").read_text())[autotune.fingerprint()]
+
+
+@pytest.mark.parametrize("winner", ["nchw", "nhwc"])
+def test_layout_follows_the_measurement(monkeypatch, winner):
+    """Two kinds of machine, played by the timer: the layout is whichever measured faster."""
+    monkeypatch.setattr(autotune, "best_time", lambda name, fn: 0.1 if name == winner else 1.0)
+    x = torch.randn(2, 4, 8, 8)
+    assert layout.choose_format(x, 16, 4) == (CL if winner == "nhwc" else torch.contiguous_format)
+    assert layout.choose_format(x.requires_grad_(), 16, 4) == torch.contiguous_format  # autograd: NCHW
+
+
+# ---------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_chunked_attention_matches_sdpa_and_float64(dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, n, 64, generator=g) for n in (50, 70, 70))
+    exact = attn_math.sdpa_attention(q.double(), k.double(), v.double(), 4)
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    # a small score budget forces several query chunks (7 rows each)
+    got = attn_math.chunked_attention(qd, kd, vd, 4, score_bytes=3 * 4 * 70 * qd.element_size() * 7)
+    assert _rel(got, exact) < tol
+    assert _rel(attn_math.chunked_attention(qd, kd, vd, 4), exact) < tol
+
+
+@pytest.mark.parametrize("choice", ["sdpa", "gemm"])
+def test_cpu_attention_runs_what_was_chosen(choice):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 32, generator=g) for n in (40, 60, 60))
+    with autotune.override({"attention:": choice}), torch.no_grad():
+        got = attn_math.attention(q, k, v, 2)
+    want = attn_math.chunked_attention(q, k, v, 2) if choice == "gemm" else attn_math.sdpa_attention(q, k, v, 2)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- whole networks
+def _tiny_unets():
+    cfg = PRESETS["tiny"]
+    den = randomize_(UNet(cfg.unet, cfg.motion), seed=5).eval().requires_grad_(False)
+    ref = randomize_(UNet(cfg.unet, with_output=False), seed=6).eval().requires_grad_(False)
+    return cfg, den, ref
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_denoising_unet_fast_paths_match_the_plain_computation(dtype, tol, fmt):
+    """The whole denoising UNet (reference K/V, CFG rows, motion modules) in each layout, with
+    the fused epilogues and the attention choice, against fused.plain() in fp32."""
+    from aa_trt.models.reference_kv import compute_reference_kv
+
+    cfg, den, refnet = _tiny_unets()
+    g = torch.Generator().manual_seed(7)
+    frames, n = 4, 8
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    pose = torch.randn(n, cfg.unet.block_out_channels[0], 8, 8, generator=g) * 0.3
+    clip = torch.randn(1, 1, cfg.unet.cross_attention_dim, generator=g)
+    ctx = torch.cat([torch.zeros_like(clip), clip]).repeat_interleave(frames, 0)
+    ref_latent = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run(den, refnet, dt, x=x):
+        kv = compute_reference_kv(refnet, den, ref_latent.to(dt), clip.to(dt), "float32")
+        state = ReferenceState(kv=kv.pairs, runs=ReferenceState.row_runs([False, True], frames))
+        return den(x.to(dt), 500, ctx.to(dt), frames=frames, pose=pose.to(dt), ref=state).float()
+
+    with torch.no_grad():
+        with fused.plain():
+            want = run(den, refnet, torch.float32)
+        den_d, ref_d = den.to(dtype), refnet.to(dtype)
+        with autotune.override({"layout:": fmt, "attention:": "gemm"}):
+            got = run(den_d, ref_d, dtype)
+        with autotune.override({"layout:": fmt, "attention:": "sdpa"}):
+            got_sdpa = run(den_d, ref_d, dtype)
+        if dtype == torch.bfloat16:
+            with fused.plain():
+                plain_bf16 = run(den_d, ref_d, dtype)
+    assert _rel(got, want) < tol and _rel(got_sdpa, want) < tol
+    if dtype == torch.bfloat16:  # the fast bf16 path is not worse than the plain bf16 one (margin 1.5x)
+        assert _rel(got, want) < 1.5 * _rel(plain_bf16, want) + 1e-3
+    assert got.is_contiguous()  # the caller's views need NCHW out, whatever ran inside
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_motion_module_in_either_layout(fmt):
+    mm = MotionModule(32, heads=2, groups=8)
+    randomize_(mm, 8).eval().requires_grad_(False)
+    x = torch.randn(2 * 5, 32, 3, 4, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        with fused.plain():
+            want = mm(x, 5)
+        got = mm(x.contiguous(memory_format=fmt), 5)
+    assert _rel(got, want) < 1e-5
+    assert layout.is_channels_last(got) == (fmt == CL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
+    cfg = VAEConfig(block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4)
+    vae = randomize_(AutoencoderKL(cfg), 10).eval().requires_grad_(False)
+    z = torch.randn(3, 4, 6, 7, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        with fused.plain():
+            want = vae.decode(z).sample
+        vae = vae.to(dtype)
+        with autotune.override({"layout:": fmt}):
+            got = vae.decode(z.to(dtype)).sample.float()
+    assert _rel(got, want) < tol
+    assert got.is_contiguous()
