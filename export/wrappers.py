@@ -3,7 +3,7 @@
 The ONNX exporter traces positional tensor arguments, so every wrapper takes exactly the graph's
 inputs in the declared order and returns its outputs. They hold references to the real modules and
 change nothing in them. (Their runtime counterparts, which call the exported graphs the way the
-Animator calls the torch modules, are aa_trt.backends.graphs' *Graph classes.)
+Animator calls the torch modules, are aa_trt.backends.graph_animator' *Graph classes.)
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Inference backends that stand in for the torch modules: onnxruntime, OpenVINO and TensorRT, all
-on the graphs of an `aa-trt build` DIR (see backends/graphs.py), and the one rule that picks among
+on the graphs of an `aa-trt build` DIR (see backends/graph_animator.py), and the one rule that picks among
 them, for a build (export/build.py: what to compile) and for a run (`animator_from_dir`: what to load).
 
 Runtimes only: nothing here imports the exporter (aa_trt.export) or a graph compiler's build code.

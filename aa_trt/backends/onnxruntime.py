@@ -1,11 +1,11 @@
 """onnxruntime backend: an `aa-trt build` DIR's graphs as onnxruntime sessions (CPU or CUDA
-provider), behind the same calls as the torch modules (see backends/graphs.py)."""
+provider), behind the same calls as the torch modules (see backends/graph_animator.py)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
+from aa_trt.backends.graph_animator import GRAPHS, GraphAnimator, bind_check
 
 
 def _np(x: torch.Tensor) -> np.ndarray:

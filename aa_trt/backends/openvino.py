@@ -1,6 +1,6 @@
 """OpenVINO backend: an `aa-trt build` DIR's graphs, compiled by `aa-trt build --backend openvino`
 for this CPU and cached in DIR as OpenVINO's own compiled blobs, behind the same calls as the torch
-modules (see backends/graphs.py).
+modules (see backends/graph_animator.py).
 
 openvino is imported only inside functions (`pip install "aa-trt[openvino]"`). The precision is
 decided in one place, `choose_precision`: bf16 where the CPU lists BF16 among OpenVINO's
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
+from aa_trt.backends.graph_animator import GRAPHS, GraphAnimator, bind_check
 from aa_trt.errors import AATrtError, InputError, OptionError
 
 INSTALL_HINT = 'pip install "aa-trt[openvino]"'
@@ -273,7 +273,7 @@ class OvAnimator(GraphAnimator):
         one line). reason: why this backend was chosen, put before the precision's reason."""
         from aa_trt.backends import manifest as mf
         from aa_trt.backends.declarations import declared_names
-        from aa_trt.backends.graphs import check_declarations
+        from aa_trt.backends.graph_animator import check_declarations
         from aa_trt.files import file_sha256
 
         import_openvino()

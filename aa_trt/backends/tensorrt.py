@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from aa_trt.backends.graphs import GRAPHS, GraphAnimator, bind_check
+from aa_trt.backends.graph_animator import GRAPHS, GraphAnimator, bind_check
 from aa_trt.errors import InputError
 
 INSTALL_HINT = ("install TensorRT for your CUDA version from NVIDIA (pip install tensorrt "
