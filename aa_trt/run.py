@@ -203,6 +203,9 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
         poses, facts = driving_poses(opts, clip, ref_image, width, height)
     resume, start, latents, carry = None, 0, None, None
     if opts.resume:
+        from aa_trt.files import remove_stale_partials
+
+        remove_stale_partials(opts.output)  # a write of the output that a kill interrupted
         # The backend as the numbers depend on it: torch (any Animator class, one rank or many) or
         # the engine runtime that ran the graphs.
         backend = "torch" if opts.engine is None else getattr(anim, "backend_name", type(anim).__name__)
@@ -255,7 +258,12 @@ def check_run_output(opts: RunOptions, ckpt: Path | None = None) -> None:
         return
     if opts.output.is_dir():
         raise InputError(f"{opts.output}: is a folder; give a file name such as {opts.output / 'out.mp4'}")
-    guard_outputs([(opts.output, finished_result(opts.output))], [], opts.overwrite)
+    # A kill between publishing the video and removing the resume state leaves both: the video is
+    # then this render's own, and the rerun writes it again (the same bytes) from the kept last step.
+    from aa_trt.resume import state_path
+
+    own = opts.resume and state_path(opts.output).is_file()
+    guard_outputs([(opts.output, finished_result(opts.output) and not own)], [], opts.overwrite)
 
 
 def _resume_state(opts: RunOptions, ckpt: Path, sample: SampleOptions, width: int, height: int,
