@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from aa_trt.errors import AATrtError
+from aa_trt.errors import AATrtError, InputError
 
 SEEDS = Path(__file__).resolve().parent / "fuzz_seeds"
 EXAMPLES = int(os.environ.get("AA_TRT_FUZZ_EXAMPLES", "12"))
@@ -246,7 +246,7 @@ def _read_cached_poses(path):
     try:
         load_poses(path)
     except (OSError, KeyError, ValueError):
-        pass
+        raise InputError("a broken cache entry: recomputed") from None
 
 
 @_memory_bounded
