@@ -128,7 +128,8 @@ def conv_add_reference(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tens
 def conv_add(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
     """conv(x) + other, other of the output's shape and x's memory layout.  (n, c, h, w)."""
     w, b = conv.weight, conv.bias
-    if (active(x, w, b, other) and _ok_params(x, w, b) and other.dtype == x.dtype
+    if (active(x, w, b, other) and w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
+            and other.dtype == x.dtype
             and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
             and _same_layout(x, other)):
         return torch.ops.mkldnn._convolution_pointwise.binary(

@@ -59,6 +59,10 @@ def test_fused_linear_epilogues_match_references(dtype):
         ref = {"none": fused.linear_reference(xd, wd, bd), "gelu": fused.linear_reference(xd, wd, bd, "gelu"),
                "add": fused.linear_add_reference(xd, wd, bd, od), "mul": fused.linear_mul_reference(xd, wd, bd, od)}
     assert fused.active(xd), "oneDNN's fused ops should be available in the CPU wheel"
+    from torch.profiler import profile
+    with profile() as prof, torch.no_grad():
+        fused.linear_add(xd, wd, bd, od)
+    assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}  # the fused path ran
     for name in exact:
         if dtype == torch.float32:
             assert _rel(got[name], ref[name]) < 1e-6, name
@@ -78,7 +82,10 @@ def test_fused_conv_add_and_bias_match_references(dtype, fmt):
     other = torch.randn(2, 16, 9, 11, generator=g).to(dtype).contiguous(memory_format=fmt)
     extra = torch.randn(16, generator=g).to(dtype)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
-    got = fused.conv_add(x, conv, other)
+    from torch.profiler import profile
+    with profile() as prof:
+        got = fused.conv_add(x, conv, other)
+    assert "mkldnn::_convolution_pointwise" in {e.name for e in prof.events()}  # the fused path ran
     assert _rel(got, fused.conv_add_reference(x, conv, other)) < tol
     assert got.is_contiguous(memory_format=fmt)
     assert _rel(fused.conv_bias(x, conv, extra), fused.conv_bias_reference(x, conv, extra)) < tol
