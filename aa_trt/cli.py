@@ -267,6 +267,7 @@ def _train_distill(args) -> int:
                          "(the student learns conditional samples, weighted by truncated SNR)")
     fields = [f.name for f in dataclasses.fields(DistillOptions) if f.init]
     opts = DistillOptions(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+    check_train_output(args)
     path = distill(opts, progress=not args.quiet)
     if path is not None:
         print(f"wrote {path}")
@@ -274,9 +275,6 @@ def _train_distill(args) -> int:
 
 
 def _train(args) -> int:
-    from aa_trt.errors import InputError
-
-    check_train_output(args)
     new_folder = not Path(args.out).exists()
     try:
         return _train_stage_of(args)
@@ -307,12 +305,14 @@ def _train_stage_of(args) -> int:
 
         fields = Stage0Options.__dataclass_fields__
         opts = Stage0Options(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+        check_train_output(args)
         print(f"wrote {train_stage0(opts, progress=not args.quiet)}")
         return 0
     from aa_trt.training.loop import TrainOptions, train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__
                            if getattr(args, k, None) is not None})
+    check_train_output(args)  # after the options' own checks, before any work
     path = train(opts, progress=not args.quiet)
     if path is not None:
         print(f"wrote {path}")
