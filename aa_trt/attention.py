@@ -158,6 +158,40 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return merge_heads(scores.softmax(-1) @ vh)
 
 
+def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`short_attention` over axis 1 of a packed projection: qkv (b, n, [p,] 3c) = [q | k | v] (one
+    GEMM with the three weights stacked), attention among the n entries of each (b, p), optional
+    per-entry biases (3, heads, n, d) added on the way (the positional encoding folded through
+    the projections). With p, the motion modules' frames attend to each other in the
+    channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
+    One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
+    would each be cloned by matmul), one lays the result back; the scale rides on the first GEMM.
+    -> (b, n, [p,] c)."""
+    squeeze = qkv.dim() == 3
+    if squeeze:
+        qkv = qkv.unsqueeze(2)
+    b, n, p, c3 = qkv.shape
+    c = c3 // 3
+    d = c // heads
+    src = qkv.view(b, n, p, 3, heads, d).permute(3, 0, 2, 4, 1, 5)  # (3, b, p, h, n, d), a view
+    packed = torch.empty((3, b, p, heads, n, d), dtype=qkv.dtype, device=qkv.device)
+    if bias is None:
+        packed.copy_(src)
+    else:
+        torch.add(src, bias[:, None, None].to(qkv.dtype), out=packed)
+    q, k, v = packed.view(3, b * p * heads, n, d).unbind(0)
+    scores = torch.empty((b * p * heads, n, n), dtype=qkv.dtype, device=qkv.device)
+    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=d ** -0.5, out=scores)
+    out = torch.bmm(scores.softmax(-1), v)  # (b*p*h, n, d)
+    out = out.view(b, p, heads, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, p, c)
+    return out.squeeze(2) if squeeze else out
+
+
+def packed_ok(x: torch.Tensor) -> bool:
+    """Whether the motion modules on tokens x (positions, f, c) take `packed_short_attention`."""
+    return _is_short(x, x) and fused.active(x)
+
+
 def _is_short(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `_torch_attention` takes `short_attention`: CPU tensors under "auto", few queries
     and keys, and not while tracing or exporting (graphs keep SDPA's form)."""

@@ -242,3 +242,32 @@ def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
             got = vae.decode(z.to(dtype)).sample.float()
     assert _rel(got, want) < tol
     assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_packed_short_attention_matches_short_attention(dtype, tol):
+    """The motion modules' CPU path: q, k, v from one packed projection, per-frame biases added on
+    the way, against attention over (x + bias) computed in float64."""
+    g = torch.Generator().manual_seed(12)
+    b, f, heads, d = 6, 9, 4, 8
+    c = heads * d
+    q, k, v = (torch.randn(b, f, c, generator=g) for _ in range(3))
+    bias = torch.randn(3, heads, f, d, generator=g)
+    flat = bias.transpose(1, 2).reshape(3, f, c)  # (3, f, c): the same biases token-major
+    exact = attn_math.short_attention((q + flat[0]).double(), (k + flat[1]).double(), (v + flat[2]).double(), heads)
+    qkv = torch.cat([q, k, v], dim=-1).to(dtype)
+    assert _rel(attn_math.packed_short_attention(qkv, heads, bias.to(dtype)), exact) < tol
+    plain = attn_math.short_attention(q.double(), k.double(), v.double(), heads)
+    assert _rel(attn_math.packed_short_attention(qkv, heads), plain) < tol
+
+
+def test_packed_short_attention_over_axis_1_of_token_grids():
+    """(b, f, p, 3c): frames along axis 1 attend per (b, p), as if transposed to (b*p, f, 3c)."""
+    g = torch.Generator().manual_seed(13)
+    b, f, p, heads, d = 2, 5, 7, 2, 8
+    qkv = torch.randn(b, f, p, 3 * heads * d, generator=g)
+    bias = torch.randn(3, heads, f, d, generator=g)
+    got = attn_math.packed_short_attention(qkv, heads, bias)
+    flat = qkv.transpose(1, 2).reshape(b * p, f, -1)
+    want = attn_math.packed_short_attention(flat, heads, bias).view(b, p, f, -1).transpose(1, 2)
+    assert got.shape == (b, f, p, heads * d) and _rel(got, want) < 1e-6

@@ -72,7 +72,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # x (n, c, h, w) in either memory layout (kept); temb (n, temb_ch), one row per frame, or
         # (1, temb_ch) when every row has the same timestep.
-        t = self.time_emb_proj(F.silu(temb))  # (n or 1, out_ch)
+        t = fused.linear(F.silu(temb), self.time_emb_proj.weight, self.time_emb_proj.bias)  # (n or 1, out_ch)
         h = norm_silu(self.norm1, x)
         if t.shape[0] == 1 and fused.active(h):
             h = fused.conv_bias(h, self.conv1, t[0])  # one timestep: the embedding is a bias

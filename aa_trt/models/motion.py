@@ -55,12 +55,17 @@ class TemporalAttention(nn.Module):
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
     def forward(self, x, residual: torch.Tensor | None = None):
-        # x (b*h*w, f, c) -> (b*h*w, f, c), plus `residual` (same shape) when given.
+        # x (b*h*w, f, c) -> (b*h*w, f, c), plus `residual` (same shape) when given; on the CPU's
+        # packed path also channels-last tokens (b, f, h*w, c).
         if attn_math.kernels_for(x, self.heads):
             # The kernel adds pe W^T per frame as it loads q/k/v: exact for bias-free projections,
             # and one pass over the activations fewer than adding pe first.
             bq, bk, bv = self._folded_pe(x.shape[1], x.dtype)
             out = attn_math.temporal_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, bq, bk, bv)
+        elif attn_math.packed_ok(x):
+            # The CPU: one GEMM for q, k and v; pe W^T added while they are laid out head-major.
+            w, bias = self._packed(x.shape[1], x.dtype)
+            out = attn_math.packed_short_attention(fused.linear(x, w, None), self.heads, bias)
         else:
             x = self.pos_encoder(x)
             out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
@@ -68,6 +73,24 @@ class TemporalAttention(nn.Module):
         if residual is None:
             return fused.linear(out, lin.weight, lin.bias)
         return fused.linear_add(out, lin.weight, lin.bias, residual)
+
+    def _packed(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[W_q; W_k; W_v] (3c, c) and pe[:frames] W^T per projection as (3, heads, frames, d),
+        cached until the weights or the shape change."""
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        key = (frames, dtype) + tuple((w.data_ptr(), w._version) for w in ws + (self.pos_encoder.pe,))
+        cached = getattr(self, "_packed_cache", None)
+        if cached is None or cached[0] != key:
+            if frames > self.pos_encoder.pe.shape[1]:
+                raise ValueError(f"temporal window of {frames} frames exceeds the motion modules' "
+                                 f"maximum of {self.pos_encoder.pe.shape[1]}")
+            c = ws[0].shape[0]
+            table = self.pos_encoder.pe.reshape(-1, self.pos_encoder.pe.shape[-1])[:frames].float()
+            bias = torch.stack([table @ w.float().t() for w in ws])  # (3, frames, c), in fp32
+            bias = bias.view(3, frames, self.heads, c // self.heads).transpose(1, 2).contiguous().to(dtype)
+            cached = (key, (torch.cat(ws).to(dtype).contiguous(), bias))
+            self._packed_cache = cached
+        return cached[1]
 
     def _folded_pe(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """pe[:frames] W^T for q, k, v (frames, c), cached until the weights or the shape change."""
@@ -90,7 +113,7 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x):  # x (b*h*w, f, c)
+    def forward(self, x):  # x (b*h*w, f, c), or (b, f, h*w, c) on the CPU's packed path
         for attn, norm in zip(self.attention_blocks, self.norms):
             x = attn(norm(x), residual=x)
         return self.ff(self.ff_norm(x), residual=x)
@@ -122,6 +145,23 @@ class TemporalTransformer(nn.Module):
         return h + x
 
     def _forward_nhwc(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # Channels-last x (b*f, c, h, w) is the token tensor (b, f, h*w, c) in memory. Every op
+        # of the temporal transformer but the attention is token-wise, and the CPU's packed
+        # attention reads the frames along axis 1 itself: nothing is transposed, and proj_out's
+        # epilogue adds the residual.
+        bf, c, hh, ww = x.shape
+        b, p = bf // frames, hh * ww
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        if not attn_math.packed_ok(tokens):
+            return self._forward_nhwc_transposed(x, frames)
+        h = fused.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (b, f, p, c)
+        for block in self.transformer_blocks:
+            h = block(h)
+        residual = x.permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        out = fused.linear_add(h, self.proj_out.weight, self.proj_out.bias, residual)
+        return out.view(bf, hh, ww, c).permute(0, 3, 1, 2)  # channels-last (b*f, c, h, w)
+
+    def _forward_nhwc_transposed(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         # Channels-last x (b*f, c, h, w) is the token tensor (b, f, h*w, c) in memory: the
         # token-wise projections run on it as it lies; only the attention's frame-major layout
         # (b*h*w, f, c) needs one transposing copy in and one out, and proj_out's epilogue adds
