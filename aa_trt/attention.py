@@ -346,4 +346,5 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         if out is not None:
             return out
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    # In place outside autograd: the norm's output is a fresh buffer nothing else reads.
+    return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y

@@ -4,6 +4,8 @@ tests/test_kernels.py)."""
 import pytest
 import torch
 
+from aa_trt import autotune
+
 from aa_trt import attention as A
 from aa_trt.models.layers import TransformerBlock
 
@@ -40,10 +42,13 @@ def test_cpu_dispatch_takes_the_short_path_only_for_short_sequences():
         bq, bk, bv = (torch.randn(16, 64) for _ in range(3))
         assert torch.equal(A.temporal_attention(q, k, v, 2, bq, bk, bv),
                            A.short_attention(q + bq, k + bk, v + bv, 2))
-        q2, k2, v2 = _qkv(2, 16, A.SHORT_SEQUENCE + 1, 64, torch.float32)
-        assert torch.equal(A.attention(q2, k2, v2, 2), A.sdpa_attention(q2, k2, v2, 2))
-        q3, k3, v3 = _qkv(2, A.SHORT_SEQUENCE + 1, 4, 64, torch.float32)  # many queries, few keys
-        assert torch.equal(A.attention(q3, k3, v3, 2), A.sdpa_attention(q3, k3, v3, 2))
+        # Longer sequences take the measured choice (SDPA or chunked GEMMs, tests/test_cpu_fast_paths.py);
+        # pinned to SDPA here, they must not take the short path.
+        with autotune.override({"attention:": "sdpa"}):
+            q2, k2, v2 = _qkv(2, 16, A.SHORT_SEQUENCE + 1, 64, torch.float32)
+            assert torch.equal(A.attention(q2, k2, v2, 2), A.sdpa_attention(q2, k2, v2, 2))
+            q3, k3, v3 = _qkv(2, A.SHORT_SEQUENCE + 1, 4, 64, torch.float32)  # many queries, few keys
+            assert torch.equal(A.attention(q3, k3, v3, 2), A.sdpa_attention(q3, k3, v3, 2))
         A.set_backend("sdpa")  # the plain path everywhere (the Moore-style baseline, training)
         assert torch.equal(A.attention(q, k, v, 2), A.sdpa_attention(q, k, v, 2))
     finally:
