@@ -131,14 +131,15 @@ def test_run_full_disk_at_the_video_write(files, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_full_disk_keeps_the_resume_state(files, tmp_path, capsys):
+def test_run_full_disk_keeps_the_resume_state(files, tmp_path, capsys, failing_replace):
     """The video cannot be written: the denoising's last state stays, and the rerun (room made)
     writes the same video as an uninterrupted render without denoising again."""
     whole = tmp_path / "whole.mp4"
     assert cli(_argv(files, whole)) == 0
     out = tmp_path / "out.mp4"
-    partial_name(out).symlink_to("/dev/full")
+    failing_replace(lambda dst: dst == out)
     _fails(capsys, _argv(files, out, "--resume"), "out.mp4: no space left on device (ENOSPC)")
+    failing_replace(lambda dst: False)
     state = out.with_name(f".{out.name}.resume.safetensors")
     assert state.is_file() and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([state.name, "whole.mp4"])
