@@ -58,12 +58,21 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
+def _autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def active(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether the CPU fast paths apply to x: a CPU fp32/bf16 tensor outside autograd and tracing,
-    with oneDNN present and `plain()` not in force."""
+    """Whether the CPU fast paths apply to x: a CPU fp32/bf16 tensor in inference (no autograd,
+    no autocast: training keeps the plain modules, their gradients and autocast's casts), outside
+    tracing, with oneDNN present and `plain()` not in force. `params` are accepted for the
+    callers' symmetry; grad mode decides for all of them."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or is_plain():
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+    if torch.is_grad_enabled() or _autocast():
         return False
     return not _tracing() and _have_onednn()
 

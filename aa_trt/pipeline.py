@@ -320,7 +320,6 @@ class Animator:
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    @torch.no_grad()
     def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None, progress: bool = False):
         """latents (1, c, N, h, w) -> float32 frames (k, H, W, 3) in [0, 1], `chunk` frames a call
         (None: `default_decode_chunk` of the output size), yielded as they are decoded: a writer

@@ -1,7 +1,7 @@
 """A Moore-style baseline: aa-trt's modules and weights, computing the way Moore-AnimateAnyone does.
 
 The comparison is only fair if both sides share every module, so this file changes nothing in
-aa_trt; it reproduces the work Moore does (DESIGN.md §3, "Waste in Moore") on top of it:
+aa_trt; it reproduces the work Moore does (the waste that aa-trt removes) on top of it:
 - the ReferenceNet runs at batch 2 ([zeros, clip] contexts), through to its last up block;
 - every UNet call repeats each bank for every frame and concatenates it to the frame's tokens
   *before* the K/V projection, so the reference K/V is recomputed in every call;

@@ -4,7 +4,7 @@ these are counts, not CUDA measurements. A count is the sum of live tensor stora
 (`torch.cuda.memory_allocated`'s view); the CUDA context (~0.3-0.5 GB), cuDNN/cuBLAS workspaces
 and the caching allocator's slack come on top.
 
-Issue #6's goal: a 512x768 run with 24-frame windows within 8 GB of GPU memory, whatever the
+The goal: a 512x768 run with 24-frame windows within 8 GB of GPU memory, whatever the
 video's length (fp16 weights, `--offload`).
 """
 import pytest

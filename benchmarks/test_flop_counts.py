@@ -1,4 +1,4 @@
-"""FLOPs of one DDIM step over a 24-frame window with CFG at DESIGN.md §3's sizes, sd15 widths,
+"""FLOPs of one DDIM step over a 24-frame window with CFG at the design size (512x784), sd15 widths,
 counted with torch.utils.flop_counter on the meta device (the real code path and shapes, nothing
 allocated), aa-trt against the Moore-style baseline. No timing: these are counts."""
 import pytest

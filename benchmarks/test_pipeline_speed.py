@@ -15,7 +15,7 @@ from aa_trt.run import DEFAULT_MODEL
 from .timing import PER_ROUND, compare
 from .workloads import pipeline_pair
 
-# One 24-frame window; 10 steps (half of DESIGN's default 20) keep the suite to minutes: the
+# One 24-frame window; 10 steps (half of the default 20) keep the suite to minutes: the
 # stage breakdown shows what more steps would add (denoising scales with them, the rest does not).
 SIZE = dict(frames=24, height=64, width=64, steps=10)
 

@@ -1,6 +1,6 @@
 """The whole pipeline at SD1.5's structure (half widths), on the CPU: the Moore-style pipeline in
 fp32 against aa-trt in fp32 and aa-trt at `--dtype auto` (what this machine picks: bf16 with
-AMX-BF16 or AVX512-BF16, fp32 without), in one run, round by round (issue 21).
+AMX-BF16 or AVX512-BF16, fp32 without), in one run, round by round.
 
 Half widths (UNet 160/320/640/640, VAE 64/128/256/256; CLIP ViT-L/14 and everything else as
 sd15) keep a round to minutes on 2 cores with the layout, kernels and attention shapes of SD1.5

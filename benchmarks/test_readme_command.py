@@ -2,8 +2,8 @@
 video encode): today's defaults (DDIM, 20 steps, the embedded model's CFG 1.0: 20 UNet evaluations
 a window) against the few-step presets of docs/samplers.md ("Power-spaced timesteps"): DPM-Solver++
 (2M) at 5 steps with timestep power 3 (a quarter of the evaluations, closer to the converged render
-than DDIM-20 on the example and held-out) and DDIM at 10 steps with power 2 (half). Issue 25 asks
-for the README command at that point to be at least 2x faster; the stage split says where the rest
+than DDIM-20 on the example and held-out) and DDIM at 10 steps with power 2 (half). The aim is the
+README command at least 2x faster at that point; the stage split says where the rest
 of the time goes.
 """
 from __future__ import annotations

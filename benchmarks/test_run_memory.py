@@ -1,4 +1,4 @@
-"""Peak host memory of `aa-trt run` against video length (issue 26): the embedded default model,
+"""Peak host memory of `aa-trt run` against video length: the embedded default model,
 128x128, 1 step, a pose video as the driving input, 96 / 960 / 4800 frames; each run a fresh
 process, whose --json summary reports its own peak RSS (getrusage's ru_maxrss: the kernel's
 high-water mark of the whole process, model loading included).

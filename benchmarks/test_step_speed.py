@@ -81,21 +81,21 @@ def test_denoising_step(benchmark, sd15, step_flops, rounds, record):
            baseline=moore_achieved / rate, ratio=achieved / moore_achieved, ratio_of="aa-trt / baseline")
 
 
-# DESIGN §3's ratio (1.19x) is per frame at 512x784: the saving is the reference K/V projection
+# The counted FLOP ratio (1.19x) is per frame at 512x784: the saving is the reference K/V projection
 # and the uncond half's reference attention, both proportional to the frames in the window. Two
 # frames keep that ratio (1.188x counted, the same as 24 frames) at 1/12 of a window's work, ~1.5
 # min a side here; one frame would make the temporal layers degenerate. A warm-up round: the first
 # call at a new shape creates oneDNN primitives (a first round measured 1.53x, the next 1.18x, 1.06x).
-DESIGN = dict(frames=2, height=784, width=512)
-DESIGN_LABEL = "sd15, 512x784, 2 frames, CFG, CPU fp32"
+DESIGN_SIZE = dict(frames=2, height=784, width=512)
+DESIGN_SIZE_LABEL = "sd15, 512x784, 2 frames, CFG, CPU fp32"
 
 
 @pytest.mark.benchmark(group="step-sd15-512x784-cpu")
 def test_denoising_step_at_design_size(benchmark, sd15, rounds, record):
-    """The step at DESIGN §3's size, timed: what the FLOP ratio predicts, measured."""
-    pair = step_pair(sd15, **DESIGN)
+    """The step at the design size (512x784), timed: what the FLOP ratio predicts, measured."""
+    pair = step_pair(sd15, **DESIGN_SIZE)
     meta = Animator(unet_models(PRESETS["sd15"], "meta"), device="meta")
-    meta_pair = step_pair(meta, **DESIGN)
+    meta_pair = step_pair(meta, **DESIGN_SIZE)
     (flops, _), (moore_flops, _) = count_flops(meta_pair.ours), count_flops(meta_pair.moore)
     outs = {}
     t = compare(benchmark, lambda: outs.__setitem__("ours", pair.ours()),
@@ -107,13 +107,13 @@ def test_denoising_step_at_design_size(benchmark, sd15, rounds, record):
                 achieved_flops_per_s=flops / s["ours_min_s"],
                 baseline_achieved_flops_per_s=moore_flops / s["baseline_min_s"])
     benchmark.extra_info.update(info)
-    record(f"denoising step time ({DESIGN_LABEL}), median of {s['rounds']}", s["ours_median_s"], "s",
+    record(f"denoising step time ({DESIGN_SIZE_LABEL}), median of {s['rounds']}", s["ours_median_s"], "s",
            baseline=s["baseline_median_s"], ratio=s["speedup_per_round"], ratio_of=PER_ROUND,
            details=info)
-    record(f"the same step ({DESIGN_LABEL}) in process CPU seconds", statistics.median(s["ours_cpu_s"]), "s",
+    record(f"the same step ({DESIGN_SIZE_LABEL}) in process CPU seconds", statistics.median(s["ours_cpu_s"]), "s",
            baseline=statistics.median(s["baseline_cpu_s"]), ratio=s["cpu_speedup_per_round"],
            ratio_of=PER_ROUND)
-    record(f"FLOPs of that step ({DESIGN_LABEL})", flops, "FLOP", baseline=moore_flops,
+    record(f"FLOPs of that step ({DESIGN_SIZE_LABEL})", flops, "FLOP", baseline=moore_flops,
            ratio=moore_flops / flops, ratio_of="baseline / aa-trt: x less work")
 
 

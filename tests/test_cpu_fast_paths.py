@@ -33,6 +33,7 @@ def _rel(a, b) -> float:
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setenv("AA_TRT_CACHE", str(tmp_path))
+    monkeypatch.setenv("AA_TRT_AUTOTUNE", "1")  # the suite turns measuring off (conftest)
     autotune.forget()
     yield
     autotune.forget()
@@ -40,6 +41,7 @@ def fresh_choices(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------- fused epilogues
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
 def test_fused_linear_epilogues_match_references(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 37, 48, generator=g)
@@ -72,6 +74,7 @@ def test_fused_linear_epilogues_match_references(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+@torch.no_grad()
 def test_fused_conv_add_and_bias_match_references(dtype, fmt):
     g = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(24, 16, 3, padding=1)
@@ -102,6 +105,9 @@ def test_fused_paths_step_aside_for_autograd_and_plain():
         with fused.plain():
             assert not fused.active(x)
         assert fused.active(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # training's autocast keeps the plain ops
+            assert not fused.active(x)
+    assert not fused.active(x.detach())  # grad mode on: training, whatever requires grad
 
 
 # ---------------------------------------------------------------------------- measured choices
@@ -142,8 +148,10 @@ def test_layout_follows_the_measurement(monkeypatch, winner):
     """Two kinds of machine, played by the timer: the layout is whichever measured faster."""
     monkeypatch.setattr(autotune, "best_time", lambda name, fn: 0.1 if name == winner else 1.0)
     x = torch.randn(2, 4, 8, 8)
-    assert layout.choose_format(x, 16, 4) == (CL if winner == "nhwc" else torch.contiguous_format)
-    assert layout.choose_format(x.requires_grad_(), 16, 4) == torch.contiguous_format  # autograd: NCHW
+    with torch.no_grad():
+        assert layout.choose_format(x, 16, 4) == (CL if winner == "nhwc" else torch.contiguous_format)
+    with torch.enable_grad():  # training: NCHW whatever was measured
+        assert layout.choose_format(x, 16, 4) == torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------- attention

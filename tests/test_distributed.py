@@ -1,4 +1,4 @@
-"""Scale-out (issue 8) on CPU with gloo: window / guidance / both parallel give the single-process
+"""Scale-out on CPU with gloo: window / guidance / both parallel give the single-process
 latents; failures reach every rank; `torchrun -m aa_trt run` writes the same video; `aa-trt batch`
 shares jobs among ranks and resumes after a kill."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The samplers beyond DDIM (issue 25): DPM-Solver++(2M/3M) against diffusers'
+"""The samplers beyond DDIM: DPM-Solver++(2M/3M) against diffusers'
 DPMSolverMultistepScheduler on the same schedule, resumption (start, carry) bit for bit, the
 guidance interval (windowed_guidance) on one and several ranks, and the options/CLI/eval that
 select them."""

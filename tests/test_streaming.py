@@ -1,4 +1,4 @@
-"""The streamed run (issue 26): the driving video decoded as it is read, pose images made per
+"""The streamed run: the driving video decoded as it is read, pose images made per
 chunk, the output decoded a chunk at a time into the encoder. It gives the whole-video path's
 pixels, keeps the source's audio in sync, and reads its inputs lazily."""
 from __future__ import annotations

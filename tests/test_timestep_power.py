@@ -1,4 +1,4 @@
-"""`SampleOptions.timestep_power` / `--timestep-power` (issue 25): power-spaced timesteps, the
+"""`SampleOptions.timestep_power` / `--timestep-power`: power-spaced timesteps, the
 schedule every sampler runs on them, checked against diffusers' DPMSolverMultistepScheduler given
 the same timesteps, and the options, CLI, pipeline and eval that carry the option."""
 from __future__ import annotations

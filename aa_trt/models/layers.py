@@ -272,7 +272,9 @@ class TransformerBlock(nn.Module):
             if ref.bank_limit is not None and len(ref.bank) >= ref.bank_limit:
                 raise BankComplete
         x = self.self_attention(h, ref, residual=x)
-        x = x + self.cross_attention(x, context)
+        cross = self.cross_attention(x, context)
+        # x is the fresh output of the self-attention's epilogue: add in place outside autograd.
+        x = x + cross if torch.is_grad_enabled() else x.add_(cross)
         return self.ff(self.norm3(x), residual=x)
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
