@@ -272,20 +272,21 @@ def summary_text(out: dict) -> str:
 def path_components(gr):
     """gr.Image and gr.Video whose uploads reach the app as the uploaded file's path, unopened (the
     page looks and behaves as theirs: `is_template` keeps the base component's front end)."""
+    from gradio import component_meta
 
-    class PathImage(gr.Image):
-        is_template = True
+    def preprocess(self, payload):
+        return None if payload is None else payload.path
 
-        def preprocess(self, payload):
-            return None if payload is None else payload.path
-
-    class PathVideo(gr.Video):
-        is_template = True
-
-        def preprocess(self, payload):
-            return None if payload is None else payload.path
-
-    return PathImage, PathVideo
+    # gradio writes a .pyi stub beside the module of every component class it sees defined; these
+    # two need none (and the package folder may not be writable).
+    stub_writer = component_meta.create_or_modify_pyi
+    component_meta.create_or_modify_pyi = lambda *a, **k: None
+    try:
+        return tuple(type(name, (base,), {"is_template": True, "preprocess": preprocess,
+                                          "__module__": __name__, "__qualname__": name})
+                     for name, base in (("PathImage", gr.Image), ("PathVideo", gr.Video)))
+    finally:
+        component_meta.create_or_modify_pyi = stub_writer
 
 
 # The page's settings fields in the order of PageSettings (and of the API's named parameters).
