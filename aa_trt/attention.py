@@ -208,10 +208,12 @@ CHUNK_SCORE_BYTES = 16 << 20
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                       score_bytes: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
-    """`sdpa_attention` as batched GEMMs and a softmax, over chunks of queries: the two GEMMs run
-    at the machine's matmul rate, where the CPU flash kernel's blocking does not at head dims of
-    40 and more on some CPUs (chosen per shape by measuring, `cpu_attention`). The scores are
-    rounded to the inputs' dtype before the softmax (bf16: ~4x flash's error on the output).
+    """`sdpa_attention` as batched GEMMs and a softmax, over groups of (row, head) matrices (or of
+    queries, when one head's scores exceed `score_bytes`): the two GEMMs run at the machine's
+    matmul rate, where the CPU flash kernel's blocking does not at head dims of 40 and more on
+    some CPUs (chosen per shape by measuring, `cpu_attention`). The second GEMM writes each group
+    in place, so the result is laid back token-major by one copy. The scores are rounded to the
+    inputs' dtype before the softmax (bf16: ~4x flash's error on the output).
     q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
@@ -219,16 +221,20 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     qh = split_heads(q, heads).reshape(bh, n, d)
     kt = split_heads(k, heads).reshape(bh, m, d).transpose(1, 2)  # (bh, d, m): a transposed GEMM operand
     vh = split_heads(v, heads).reshape(bh, m, d)
-    out = torch.empty(b, n, heads, d, dtype=q.dtype, device=q.device)
-    rows = max(1, min(n, score_bytes // max(1, bh * m * q.element_size())))
+    out = torch.empty(bh, n, d, dtype=q.dtype, device=q.device)
     scale = d ** -0.5
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        scores = torch.empty(bh, e - s, m, dtype=q.dtype, device=q.device)
-        torch.baddbmm(scores, qh[:, s:e], kt, beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
-        o = torch.bmm(scores.softmax(-1), vh)  # (bh, e - s, d)
-        out[:, s:e] = o.view(b, heads, e - s, d).transpose(1, 2)
-    return out.view(b, n, c)
+    per_head = n * m * q.element_size()
+    group = score_bytes // per_head
+    if group >= 1:  # whole heads at a time
+        spans = [(s, min(bh, s + group), 0, n) for s in range(0, bh, group)]
+    else:  # one head at a time, its queries in chunks
+        rows = max(1, score_bytes // (m * q.element_size()))
+        spans = [(i, i + 1, s, min(n, s + rows)) for i in range(bh) for s in range(0, n, rows)]
+    for h0, h1, s0, s1 in spans:
+        scores = torch.empty(h1 - h0, s1 - s0, m, dtype=q.dtype, device=q.device)
+        torch.baddbmm(scores, qh[h0:h1, s0:s1], kt[h0:h1], beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
+        torch.bmm(scores.softmax(-1), vh[h0:h1], out=out[h0:h1, s0:s1])
+    return merge_heads(out.view(b, heads, n, d))
 
 
 def _attention_candidates(q, k, heads):

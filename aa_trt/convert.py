@@ -115,6 +115,9 @@ def split_moore(files: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, di
 
 
 def _load_base(base: Path):
+    from aa_trt.extras import require
+
+    require("convert", "convert")  # one line naming the extra, not an ImportError
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionModelWithProjection
 

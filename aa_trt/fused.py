@@ -99,7 +99,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
 
 def linear_add_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          other: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight, bias) + other
+    return other + F.linear(x, weight, bias)  # residual first (see conv_add_reference)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -131,7 +131,10 @@ def _binary_ok(x, weight, bias, other) -> bool:
 
 # ---------------------------------------------------------------------------- convolution
 def conv_add_reference(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
-    return conv(x) + other
+    # `other` first, as the residual blocks always wrote it: the sum is the same either way, but
+    # autograd accumulates the residual input's two gradients in the graph's order (training's
+    # gradients stay bit-identical to what they were).
+    return other + conv(x)
 
 
 def conv_add(x: torch.Tensor, conv: torch.nn.Conv2d, other: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,12 @@ the transformer blocks work on, so the spatial transformers' permutes, their 1x1
 (run as linear layers on the same memory) and the residual adds need no copies; oneDNN's
 convolutions read it natively, and on AMX Xeons bf16 3x3 convolutions run ~3.6x faster in it.
 Where it does not pay (some CPUs, fp32 on others), NCHW stays. The choice is measured per
-machine, dtype and size (`aa_trt.autotune`) on the UNet's own first-level convolution and
-GroupNorm + SiLU, and carried by the tensors: every block keeps the layout it is given.
+machine, dtype and size (`aa_trt.autotune`) on a convolution and GroupNorm + SiLU at each of the
+network's levels, and carried by the tensors: every block keeps the layout it is given.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,30 +25,48 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=CHANNELS_LAST)
 
 
-def _candidates(x: torch.Tensor, channels: int, groups: int):
-    """Timed work for each layout: a 3x3 convolution at the UNet's first width and GroupNorm +
-    SiLU after it, on a few rows of x's size."""
+def takes_nhwc_path(x: torch.Tensor) -> bool:
+    """Whether a block runs its channels-last code on x: x is stored NHWC and the CPU fast paths
+    apply. A training step can meet an NHWC tensor too (PyTorch keeps the layout of some inputs);
+    it keeps the plain NCHW code, whose gradients the oracle tests pin."""
+    return is_channels_last(x) and fused.active(x)
+
+
+def _candidates(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float):
+    """Timed work for each layout: at every level of the network (width widths[i], size
+    x's * scale**i), a 3x3 convolution and GroupNorm + SiLU after it, on a few rows. The levels
+    differ: channels-last GroupNorm is fast at a wide, small level on some CPUs and slow on others,
+    so timing the first level alone chose wrongly."""
     n, _, h, w = x.shape
     rows = min(n, 4)
     g = torch.Generator().manual_seed(0)
-    data = torch.randn(rows, channels, h, w, generator=g).to(x.dtype)
-    weight = (torch.randn(channels, channels, 3, 3, generator=g) * (channels * 9) ** -0.5).to(x.dtype)
+    levels = []
+    for i, c in enumerate(widths):
+        hh, ww = max(1, round(h * scale ** i)), max(1, round(w * scale ** i))
+        data = torch.randn(rows, c, hh, ww, generator=g).to(x.dtype)
+        weight = (torch.randn(c, c, 3, 3, generator=g) * (c * 9) ** -0.5).to(x.dtype)
+        levels.append((data, weight))
 
     def work(fmt):
-        xx, ww = data.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-        return lambda: F.silu(F.group_norm(F.conv2d(xx, ww, padding=1), groups))
+        made = [(d.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt)) for d, wt in levels]
+
+        def run():
+            for d, wt in made:
+                F.silu(F.group_norm(F.conv2d(d, wt, padding=1), groups))
+        return run
 
     return {"nchw": work(torch.contiguous_format), "nhwc": work(CHANNELS_LAST)}
 
 
-def choose_format(x: torch.Tensor, channels: int, groups: int) -> torch.memory_format:
-    """The layout a network (UNet, VAE decoder) whose first convolution has `channels` outputs runs
-    in, for an input x (n, c_in, h, w): channels-last where the CPU fast paths apply and it measured
-    faster on this machine, NCHW otherwise (GPUs, tracing, `fused.plain()`)."""
+def choose_format(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float = 0.5) -> torch.memory_format:
+    """The layout a network (UNet: scale 0.5 per level; VAE decoder: 2) whose levels have `widths`
+    channels runs in, for an input x (n, c_in, h, w): channels-last where the CPU fast paths apply
+    and it measured faster on this machine, NCHW otherwise (GPUs, training, tracing, `fused.plain()`)."""
     if not fused.active(x) or x.dim() != 4:
         return torch.contiguous_format
-    key = f"layout:{str(x.dtype).removeprefix('torch.')}:c{channels}:{x.shape[-2]}x{x.shape[-1]}"
-    choice = autotune.choose(key, ("nchw", "nhwc"), lambda: _candidates(x, channels, groups))
+    key = (f"layout:{str(x.dtype).removeprefix('torch.')}:c{'-'.join(map(str, widths))}:"
+           f"{x.shape[-2]}x{x.shape[-1]}:s{scale:g}")
+    choice = autotune.choose(key, ("nchw", "nhwc"), lambda: _candidates(x, widths, groups, scale))
     return CHANNELS_LAST if choice == "nhwc" else torch.contiguous_format
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_trt.errors import InputError, OptionError
-from aa_trt.guidance import check_parallel_mode
-from aa_trt.options import SampleOptions
+from aa_trt.options import SampleOptions, check_parallel_mode
 from aa_trt.precision import check_name, choose
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"

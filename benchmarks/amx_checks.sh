@@ -4,7 +4,9 @@
 #   0. the CPU: model, flags, and whether oneDNN really runs AMX under this kernel (a bf16 matmul's
 #      GFLOP/s against fp32's: AMX gives ~5x);
 #   1. benchmarks/test_precision_speed.py: the whole pipeline at sd15 half widths, Moore-style fp32
-#      against aa-trt fp32, `--dtype auto` and the OpenVINO engine, same rounds.
+#      against aa-trt fp32, `--dtype auto` and the OpenVINO engine, same rounds;
+#   2. benchmarks/test_cpu_rate.py: the same work against the machine's own bf16 matmul and conv
+#      rates, attention on sd15 shapes, the VAE decode (about 15 more minutes on 2 cores).
 # A host without amx_bf16 stops after step 0 (exit 0) and says so (FORCE=1 runs step 1 anyway).
 #
 # Usage, from the repository root:  bash benchmarks/amx_checks.sh
@@ -58,5 +60,10 @@ PY
 $PIN timeout 500 python3 -m pytest -q -rs -p no:cacheprovider benchmarks/test_precision_speed.py \
     --bench-rounds "$ROUNDS" --bench-results "$OUT" 2>&1 | tee "$OUT/bench_amx.log"
 bench_rc=${PIPESTATUS[0]}
-echo "benchmarks rc=$bench_rc, $(( $(date +%s) - started )) s in all"
-[ "$bench_rc" = 0 ]
+# 2. The machine's own rates: the pipeline's share of the bf16 matmul rate, attention on sd15
+#    shapes, the VAE decode against the best bf16 conv rate (benchmarks/test_cpu_rate.py).
+$PIN timeout 900 python3 -m pytest -q -rs -p no:cacheprovider benchmarks/test_cpu_rate.py \
+    --bench-rounds "$ROUNDS" --bench-results "$OUT" 2>&1 | tee "$OUT/cpu_rate_amx.log"
+rate_rc=${PIPESTATUS[0]}
+echo "benchmarks rc=$bench_rc/$rate_rc, $(( $(date +%s) - started )) s in all"
+[ "$bench_rc" = 0 ] && [ "$rate_rc" = 0 ]

@@ -214,8 +214,7 @@ def test_vae_decode_rates(record):
         except ImportError:
             DiffusersVAE = None
         if DiffusersVAE is not None:
-            ref = DiffusersVAE(**{k: v for k, v in PRESETS["sd15"].vae.items()
-                                  if k in DiffusersVAE.__init__.__code__.co_varnames}).eval()
+            ref = DiffusersVAE.from_config(PRESETS["sd15"].vae).eval()
             ref.load_state_dict(vae.state_dict())
             diffusers_s = _best(lambda: [ref.decode(z[i:i + 1]) for i in range(len(z))], reps=1)
             max_diff = (torch.cat([ref.decode(z[i:i + 1]).sample for i in range(len(z))]) - out32).abs().max().item()

@@ -149,9 +149,9 @@ def test_layout_follows_the_measurement(monkeypatch, winner):
     monkeypatch.setattr(autotune, "best_time", lambda name, fn: 0.1 if name == winner else 1.0)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        assert layout.choose_format(x, 16, 4) == (CL if winner == "nhwc" else torch.contiguous_format)
+        assert layout.choose_format(x, (16, 8), 4) == (CL if winner == "nhwc" else torch.contiguous_format)
     with torch.enable_grad():  # training: NCHW whatever was measured
-        assert layout.choose_format(x, 16, 4) == torch.contiguous_format
+        assert layout.choose_format(x, (16, 8), 4) == torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------- attention
@@ -161,9 +161,11 @@ def test_chunked_attention_matches_sdpa_and_float64(dtype, tol):
     q, k, v = (torch.randn(3, n, 64, generator=g) for n in (50, 70, 70))
     exact = attn_math.sdpa_attention(q.double(), k.double(), v.double(), 4)
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
-    # a small score budget forces several query chunks (7 rows each)
-    got = attn_math.chunked_attention(qd, kd, vd, 4, score_bytes=3 * 4 * 70 * qd.element_size() * 7)
-    assert _rel(got, exact) < tol
+    item = qd.element_size()
+    # budgets: 5 heads' scores a group (3 groups for 12), and 7 query rows of one head a chunk
+    for budget in (5 * 50 * 70 * item, 7 * 70 * item):
+        got = attn_math.chunked_attention(qd, kd, vd, 4, score_bytes=budget)
+        assert _rel(got, exact) < tol, budget
     assert _rel(attn_math.chunked_attention(qd, kd, vd, 4), exact) < tol
 
 
@@ -247,9 +249,9 @@ def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
             want = vae.decode(z).sample
         vae = vae.to(dtype)
         with autotune.override({"layout:": fmt}):
-            got = vae.decode(z.to(dtype)).sample.float()
-    assert _rel(got, want) < tol
-    assert got.is_contiguous()
+            got = vae.decode(z.to(dtype)).sample
+    assert _rel(got.float(), want) < tol
+    assert got.is_contiguous() or fmt == "nchw"  # channels-last inside is not the caller's business
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])

@@ -82,3 +82,16 @@ def test_checking_the_parallel_flag_imports_no_torch():
             "assert check_parallel_mode('window') == 'window' and 'both' in PARALLEL_MODES\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_convert_reading_the_base_asks_for_the_extra(monkeypatch, tmp_path):
+    """`convert` itself reaches the check before importing either library."""
+    import importlib.util
+
+    from aa_trt import convert, extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("diffusers", "transformers") else real(name, *a))
+    with pytest.raises(extras.MissingExtra, match=r"needs diffusers and transformers: pip install"):
+        convert._load_base(tmp_path)

@@ -17,7 +17,7 @@ from torch import nn
 
 from aa_trt import attention as attn_math
 from aa_trt import fused
-from aa_trt.layout import is_channels_last
+from aa_trt.layout import takes_nhwc_path
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -72,9 +72,18 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # x (n, c, h, w) in either memory layout (kept); temb (n, temb_ch), one row per frame, or
         # (1, temb_ch) when every row has the same timestep.
+        if not fused.active(x):
+            # Training (and other devices): diffusers' order of operations, so that autograd
+            # accumulates gradients in the same order as it always has.
+            h = self.conv1(norm_silu(self.norm1, x))
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = self.conv2(norm_silu(self.norm2, h))
+            if self.conv_shortcut is not None:
+                x = self.conv_shortcut(x)
+            return x + h
         t = fused.linear(F.silu(temb), self.time_emb_proj.weight, self.time_emb_proj.bias)  # (n or 1, out_ch)
         h = norm_silu(self.norm1, x)
-        if t.shape[0] == 1 and fused.active(h):
+        if t.shape[0] == 1:
             h = fused.conv_bias(h, self.conv1, t[0])  # one timestep: the embedding is a bias
         else:
             h = self.conv1(h) + t[:, :, None, None]
@@ -302,7 +311,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
         # x (n, c, h, w) -> (n, c, h, w), in x's memory layout
         n, c, hh, ww = x.shape
-        if is_channels_last(x):
+        if takes_nhwc_path(x):
             return self._forward_nhwc(x, context, ref)
         h = self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(n, hh * ww, c)

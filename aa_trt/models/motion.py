@@ -12,7 +12,7 @@ from torch import nn
 
 from aa_trt import attention as attn_math
 from aa_trt import fused
-from aa_trt.layout import is_channels_last
+from aa_trt.layout import takes_nhwc_path
 from aa_trt.models.layers import FeedForward
 
 
@@ -132,7 +132,7 @@ class TemporalTransformer(nn.Module):
         # x (b*f, c, h, w) -> (b*f, c, h, w). GroupNorm per frame, as Moore/AnimateDiff do.
         bf, c, hh, ww = x.shape
         b = bf // frames
-        if is_channels_last(x):
+        if takes_nhwc_path(x):
             return self._forward_nhwc(x, frames)
         h = self.norm(x)
         # (b, f, c, h, w) -> (b, h, w, f, c) -> (b*h*w, f, c)

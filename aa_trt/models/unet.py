@@ -198,14 +198,16 @@ class UNet(nn.Module):
             context = context.repeat_interleave(frames, dim=0)
 
         # The activations' memory layout, measured per machine (aa_trt.layout); every block keeps it.
-        fmt = choose_format(x, self.cfg.block_out_channels[0], self.cfg.norm_num_groups)
+        fmt = choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups)
         keep_conv_weights(self, fmt)
         if fmt is not torch.contiguous_format:
             x = x.contiguous(memory_format=fmt)
-        if pose is not None:
+        if pose is not None and fused.active(x):
             h = fused.conv_add(x, self.conv_in, pose.contiguous(memory_format=fmt))
         else:
             h = self.conv_in(x)
+            if pose is not None:
+                h = h + pose
         skips = [h]
         for block in self.down_blocks:
             h, s = block(h, temb, context, frames, ref)
@@ -218,7 +220,8 @@ class UNet(nn.Module):
             h = block(h, block_skips, temb, context, frames, ref, up_size)
         if self.conv_out is None:
             return h
-        return self.conv_out(norm_silu(self.conv_norm_out, h)).contiguous()  # NCHW out (c_out is small)
+        out = self.conv_out(norm_silu(self.conv_norm_out, h))
+        return out.contiguous() if fmt != torch.contiguous_format else out  # NCHW out (c_out is small)
 
     def reference_bank(self, x: torch.Tensor, timestep, context: torch.Tensor) -> list[torch.Tensor]:
         """ReferenceNet mode: the norm1 output of every transformer block, (b, L_i, C_i) each.

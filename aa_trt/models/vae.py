@@ -18,7 +18,7 @@ from torch import nn
 
 from aa_trt import attention as attn_math
 from aa_trt import fused
-from aa_trt.layout import choose_format, is_channels_last, keep_conv_weights
+from aa_trt.layout import CHANNELS_LAST, choose_format, keep_conv_weights, takes_nhwc_path
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,16 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, c, h, w), either layout (kept)
         h = self.conv1(norm_silu(self.norm1, x))
         h = norm_silu(self.norm2, h)
+        if fused.active(h):
+            if self.conv_shortcut is not None:
+                x = self.conv_shortcut(x)
+            return fused.conv_add(h, self.conv2, x)  # conv2(h) + x, the add fused on the CPU
+        # Training (and other devices): diffusers' order of operations, so that autograd
+        # accumulates gradients in the same order and they stay bit-identical to the oracle's.
+        h = self.conv2(h)
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return fused.conv_add(h, self.conv2, x)  # conv2(h) + x, the add fused on the CPU
+            x = self.conv_shortcut(x.contiguous())  # an upsampled x may come out channels-last
+        return x + h
 
 
 class SelfAttention(nn.Module):
@@ -104,7 +111,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, c, h, w)
         n, c, hh, ww = x.shape
-        if is_channels_last(x):
+        if takes_nhwc_path(x):
             # NHWC memory is already the token matrix (n, hw, c): no transposes, residual fused.
             tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
             h = self._attend(tokens)
@@ -112,15 +119,17 @@ class SelfAttention(nn.Module):
                                    x.permute(0, 2, 3, 1).reshape(n, hh * ww, c))
             return out.view(n, hh, ww, c).permute(0, 3, 1, 2)
         h = self.group_norm(x.view(n, c, hh * ww)).transpose(1, 2)  # (n, hw, c)
-        h = self.to_out[0](self._attend(h))
+        if fused.active(h):
+            h = self.to_out[0](self._attend(h))
+        else:  # training: diffusers' order of operations (autograd accumulates in that order)
+            q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (n, 1, hw, c)
+            h = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         return h.transpose(1, 2).reshape(n, c, hh, ww) + x
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
-        # h (n, hw, c) -> (n, hw, c): one head of all the channels
+        # h (n, hw, c) -> (n, hw, c): one head of all the channels, SDPA or chunked GEMMs as measured
         q, k, v = (fused.linear(h, p.weight, p.bias) for p in (self.to_q, self.to_k, self.to_v))
-        if fused.active(h):
-            return attn_math.attention(q, k, v, 1)  # SDPA or chunked GEMMs, as measured
-        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return attn_math.attention(q, k, v, 1)
 
 
 class MidBlock(nn.Module):
@@ -223,12 +232,18 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (n, c, h, w) -> (n, 3, h*f, w*f)
         # The activations' layout, measured per machine and size (aa_trt.layout); blocks keep it.
-        fmt = choose_format(z, self.conv_in.out_channels, self.conv_norm_out.num_groups)
+        widths = [b.resnets[-1].conv2.out_channels for b in self.up_blocks]  # at 1x, 2x, 4x... the latents
+        fmt = choose_format(z, widths, self.conv_norm_out.num_groups, scale=2.0)
         keep_conv_weights(self, fmt)
-        x = self.mid_block(self.conv_in(z.contiguous(memory_format=fmt)))
+        if fmt == CHANNELS_LAST:
+            z = z.contiguous(memory_format=fmt)
+        x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x)).contiguous()
+        out = self.conv_out(norm_silu(self.conv_norm_out, x))
+        # NCHW out for the caller (3 channels: cheap), only where this call chose channels-last:
+        # otherwise diffusers' own strides, which training's gradients depend on to the last bit.
+        return out.contiguous() if fmt == CHANNELS_LAST else out
 
 
 class Posterior:
