@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+# A candidate replaces the default (the first, plain one) only when it measured faster by more
+# than this fraction: a tie on a noisy machine keeps the simpler path.
+MARGIN = 0.05
 _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _loaded = False
@@ -121,6 +124,8 @@ def choose(key: str, names: Sequence[str], make: Callable[[], Mapping[str, Calla
         measure = timer or best_time
         times = {name: measure(name, candidates[name]) for name in names}
         choice = min(names, key=lambda n: times[n])
+        if times[names[0]] <= times[choice] * (1 + MARGIN):
+            choice = names[0]  # within the noise of one measurement: keep the plain default
         _memory[key] = choice
     if timer is None:
         _save(key, choice)

@@ -117,6 +117,8 @@ def test_autotune_picks_the_faster_candidate_and_remembers_it(tmp_path):
     # Two machines: on one "b" is faster, on the other "a".
     assert autotune.choose("k1", ("a", "b"), lambda: work, timer=lambda name, fn: 1.0 if name == "a" else 0.5) == "b"
     assert autotune.choose("k2", ("a", "b"), lambda: work, timer=lambda name, fn: 0.1 if name == "a" else 0.5) == "a"
+    # A tie within the margin keeps the default (the first, plain candidate).
+    assert autotune.choose("k4", ("a", "b"), lambda: work, timer=lambda name, fn: 1.0 if name == "a" else 0.97) == "a"
     # A measured choice is kept in the process; with the real timer it is also written to disk.
     assert autotune.chosen()["k1"] == "b"
     assert autotune.choose("k3", ("a", "b"), lambda: work) in ("a", "b")
