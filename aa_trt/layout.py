@@ -32,11 +32,12 @@ def takes_nhwc_path(x: torch.Tensor) -> bool:
     return is_channels_last(x) and fused.active(x)
 
 
-def _candidates(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float):
+def _candidates(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float, token_copies: int = 0):
     """Timed work for each layout: at every level of the network (width widths[i], size
-    x's * scale**i), a 3x3 convolution and GroupNorm + SiLU after it, on a few rows. The levels
-    differ: channels-last GroupNorm is fast at a wide, small level on some CPUs and slow on others,
-    so timing the first level alone chose wrongly."""
+    x's * scale**i), a 3x3 convolution and GroupNorm + SiLU after it, on a few rows, and in NCHW the
+    `token_copies` transposes between the image and the token layout that its transformer blocks
+    make there (channels-last makes none). The levels differ: channels-last GroupNorm is fast at a
+    wide, small level on some CPUs and slow on others, so timing the first level alone chose wrongly."""
     n, _, h, w = x.shape
     rows = min(n, 4)
     g = torch.Generator().manual_seed(0)
@@ -50,23 +51,29 @@ def _candidates(x: torch.Tensor, widths: Sequence[int], groups: int, scale: floa
     def work(fmt):
         made = [(d.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt)) for d, wt in levels]
 
+        copies = token_copies if fmt == torch.contiguous_format else 0
+
         def run():
             for d, wt in made:
-                F.silu(F.group_norm(F.conv2d(d, wt, padding=1), groups))
+                y = F.silu(F.group_norm(F.conv2d(d, wt, padding=1), groups))
+                for _ in range(copies):
+                    y = y.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         return run
 
     return {"nchw": work(torch.contiguous_format), "nhwc": work(CHANNELS_LAST)}
 
 
-def choose_format(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float = 0.5) -> torch.memory_format:
+def choose_format(x: torch.Tensor, widths: Sequence[int], groups: int, scale: float = 0.5,
+                  token_copies: int = 0) -> torch.memory_format:
     """The layout a network (UNet: scale 0.5 per level; VAE decoder: 2) whose levels have `widths`
     channels runs in, for an input x (n, c_in, h, w): channels-last where the CPU fast paths apply
-    and it measured faster on this machine, NCHW otherwise (GPUs, training, tracing, `fused.plain()`)."""
+    and it measured faster on this machine, NCHW otherwise (GPUs, training, tracing, `fused.plain()`).
+    `token_copies`: the image <-> token transposes per level that NCHW costs the network."""
     if not fused.active(x) or x.dim() != 4:
         return torch.contiguous_format
     key = (f"layout:{str(x.dtype).removeprefix('torch.')}:c{'-'.join(map(str, widths))}:"
-           f"{x.shape[-2]}x{x.shape[-1]}:s{scale:g}")
-    choice = autotune.choose(key, ("nchw", "nhwc"), lambda: _candidates(x, widths, groups, scale))
+           f"{x.shape[-2]}x{x.shape[-1]}:s{scale:g}:t{token_copies}")
+    choice = autotune.choose(key, ("nchw", "nhwc"), lambda: _candidates(x, widths, groups, scale, token_copies))
     return CHANNELS_LAST if choice == "nhwc" else torch.contiguous_format
 
 

@@ -198,7 +198,9 @@ class UNet(nn.Module):
             context = context.repeat_interleave(frames, dim=0)
 
         # The activations' memory layout, measured per machine (aa_trt.layout); every block keeps it.
-        fmt = choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups)
+        # NCHW costs each level two transposes per spatial transformer and two per motion module.
+        fmt = choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups,
+                            token_copies=2 + (2 if self.motion_cfg is not None else 0))
         keep_conv_weights(self, fmt)
         if fmt is not torch.contiguous_format:
             x = x.contiguous(memory_format=fmt)
