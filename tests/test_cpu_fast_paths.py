@@ -283,3 +283,32 @@ def test_packed_short_attention_over_axis_1_of_token_grids():
     flat = qkv.transpose(1, 2).reshape(b * p, f, -1)
     want = attn_math.packed_short_attention(flat, heads, bias).view(b, p, f, -1).transpose(1, 2)
     assert got.shape == (b, f, p, heads * d) and _rel(got, want) < 1e-6
+
+
+def test_the_unet_times_its_first_call_in_both_layouts_and_keeps_the_winner():
+    """No choice forced: the first call at a shape runs whole in both layouts (its own attention
+    choices made inside, on the same thread) and returns the winner's output; the next call at that
+    shape reads the choice back."""
+    from aa_trt.models.reference_kv import compute_reference_kv
+
+    cfg, den, refnet = _tiny_unets()
+    g = torch.Generator().manual_seed(14)
+    frames = 4
+    x = torch.randn(2 * frames, 4, 8, 8, generator=g)
+    clip = torch.randn(1, 1, cfg.unet.cross_attention_dim, generator=g)
+    ctx = torch.cat([torch.zeros_like(clip), clip]).repeat_interleave(frames, 0)
+    ref_latent = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        kv = compute_reference_kv(refnet, den, ref_latent, clip, "float32")
+
+        def call():
+            state = ReferenceState(kv=kv.pairs, runs=ReferenceState.row_runs([False, True], frames))
+            return den(x, 500, ctx, frames=frames, ref=state)
+
+        with fused.plain():
+            want = call()
+        first = call()
+        keys = [k for k in autotune.chosen() if k.startswith("layout:unet-call:")]
+        assert len(keys) == 1 and autotune.chosen()[keys[0]] in ("nchw", "nhwc")
+        second = call()
+    assert _rel(first, want) < 2e-5 and _rel(second, want) < 2e-5

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aa_trt import fused
+from aa_trt import autotune, fused
 from aa_trt.config import MotionConfig, UNetConfig
-from aa_trt.layout import choose_format, keep_conv_weights
+from aa_trt.layout import CHANNELS_LAST, choose_format, keep_conv_weights
 from aa_trt.models.layers import (BankComplete, Downsample, ReferenceState, ResnetBlock, SpatialTransformer,
                      TimestepEmbedding, TransformerBlock, Upsample, norm_silu, timestep_embedding)
 from aa_trt.models.motion import MotionModule
@@ -197,10 +197,30 @@ class UNet(nn.Module):
         if context.shape[0] != n:
             context = context.repeat_interleave(frames, dim=0)
 
-        # The activations' memory layout, measured per machine (aa_trt.layout); every block keeps it.
-        # NCHW costs each level two transposes per spatial transformer and two per motion module.
-        fmt = choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups,
-                            token_copies=2 + (2 if self.motion_cfg is not None else 0))
+        return self._call_in_measured_layout(
+            x, ref, lambda fmt: self._layers(x, temb, context, frames, pose, ref, fmt))
+
+    def _call_in_measured_layout(self, x: torch.Tensor, ref: ReferenceState | None, run) -> torch.Tensor:
+        """run(fmt) in the activations' memory layout that is fastest for this call's shape on this
+        machine (aa_trt.layout; every block keeps the layout it is given). The first call at a
+        shape is timed whole in both layouts (one call's worth extra, once per machine: a model of
+        the network, its convolutions and norms alone, mispredicted on some CPUs) and returns the
+        winner's own output; the ReferenceNet's recording pass, which stops early, uses the model."""
+        if not fused.active(x) or (ref is not None and ref.bank is not None):
+            return run(choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups, token_copies=2))
+        n, _, h, w = x.shape
+        key = (f"layout:unet-call:{str(x.dtype).removeprefix('torch.')}:"
+               f"c{'-'.join(map(str, self.cfg.block_out_channels))}:{n}x{h}x{w}:m{int(self.motion_cfg is not None)}")
+        formats = {"nchw": torch.contiguous_format, "nhwc": CHANNELS_LAST}
+        outs = {}
+
+        def make():
+            return {name: (lambda name=name: outs.__setitem__(name, run(fmt))) for name, fmt in formats.items()}
+
+        choice = autotune.choose(key, tuple(formats), make)
+        return outs[choice] if choice in outs else run(formats[choice])
+
+    def _layers(self, x, temb, context, frames, pose, ref, fmt) -> torch.Tensor:
         keep_conv_weights(self, fmt)
         if fmt is not torch.contiguous_format:
             x = x.contiguous(memory_format=fmt)
