@@ -128,6 +128,13 @@ class SampleOptions:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def defaults(cls) -> dict:
+        """Each field's default by name, read off the class (no instance: checking a value imports
+        torch for the sampler names, reading the defaults does not). The command line's flags and
+        the page's fields start from these."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
     def build(cls, base: "SampleOptions | None" = None, **overrides) -> "SampleOptions":
         """`base` (or the defaults) with the given fields replaced; unknown names are refused."""
         unknown = set(overrides) - set(cls.fields())

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aa_trt.errors import AATrtError, InputError, OptionError
+from aa_trt.options import CONTEXT_SCHEDULES, SampleOptions
 
 log = logging.getLogger("aa_trt.ui")
 
@@ -37,7 +38,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_REF = EXAMPLES / "ref.png"
 EXAMPLE_DANCE = EXAMPLES / "dance.mp4"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("uniform", "sliding")
+SCHEDULES = CONTEXT_SCHEDULES
+# The sampling fields' defaults (the page's fields start from them, as `run`'s flags do).
+SAMPLE = SampleOptions.defaults()
 KEEP_RUNS = 8  # result folders kept on disk per server (older ones are removed)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -63,17 +66,17 @@ class PageSettings:
     empty field). `options()` turns them into RunOptions keywords: an empty field is the run's
     default, so the library checks every value and names the bad one."""
 
-    steps: float | None = None      # None (an empty field): the checkpoint's (a distilled student's fewer)
-    guidance: float | None = None   # None (an empty field): the checkpoint's
-    sampler: str = "ddim"
-    timestep_power: float | None = None  # None or 0: the checkpoint's spacing (Moore-exact)
+    steps: float | None = SAMPLE["steps"]        # None (an empty field): the checkpoint's (a distilled student's fewer)
+    guidance: float | None = SAMPLE["guidance"]  # None (an empty field): the checkpoint's
+    sampler: str = SAMPLE["sampler"]
+    timestep_power: float | None = SAMPLE["timestep_power"]  # None or 0: the checkpoint's spacing (Moore-exact)
     random_seed: bool = True
     seed: float | None = 0
     width: float | None = None      # None or 0: from the reference's aspect ratio
     height: float | None = None
-    context_frames: float | None = 24
-    context_overlap: float | None = 4
-    context_schedule: str = "uniform"
+    context_frames: float | None = SAMPLE["context_frames"]
+    context_overlap: float | None = SAMPLE["context_overlap"]
+    context_schedule: str = SAMPLE["context_schedule"]
     frames: float | None = None     # None or 0: all
     stride: float | None = 1
     start: float | None = 0
@@ -91,8 +94,8 @@ class PageSettings:
             return v
 
         kw = {"steps": whole("steps", self.steps), "sampler": self.sampler,
-              "context_frames": whole("context_frames", self.context_frames, 24),
-              "context_overlap": whole("context_overlap", self.context_overlap, 4),
+              "context_frames": whole("context_frames", self.context_frames, SAMPLE["context_frames"]),
+              "context_overlap": whole("context_overlap", self.context_overlap, SAMPLE["context_overlap"]),
               "context_schedule": self.context_schedule,
               "width": whole("width", self.width, zero_is_empty=True),
               "height": whole("height", self.height, zero_is_empty=True),
@@ -323,7 +326,8 @@ def build(app: PageApp):
                                           precision=0, minimum=1, elem_id="aa-steps")
                         guidance = gr.Number(label=f"guidance (the model's: {app.config.guidance:g})",
                                              value=app.config.guidance, minimum=0, elem_id="aa-guidance")
-                        sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", elem_id="aa-sampler")
+                        sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLE["sampler"], label="sampler",
+                                              elem_id="aa-sampler")
                         timestep_power = gr.Number(label="timestep power (0: the model's spacing; 2-3: fewer steps)",
                                                    value=0, minimum=0, elem_id="aa-timestep-power")
                     with gr.Row():
@@ -337,11 +341,11 @@ def build(app: PageApp):
                         height = gr.Number(label="height (0: from the reference's shape)", value=0,
                                            precision=0, elem_id="aa-height")
                     with gr.Row():
-                        context_frames = gr.Number(label="context frames", value=24, precision=0,
+                        context_frames = gr.Number(label="context frames", value=SAMPLE["context_frames"], precision=0,
                                                    elem_id="aa-context-frames")
-                        context_overlap = gr.Number(label="context overlap", value=4, precision=0,
-                                                    elem_id="aa-context-overlap")
-                        context_schedule = gr.Dropdown(list(SCHEDULES), value="uniform",
+                        context_overlap = gr.Number(label="context overlap", value=SAMPLE["context_overlap"],
+                                                    precision=0, elem_id="aa-context-overlap")
+                        context_schedule = gr.Dropdown(list(SCHEDULES), value=SAMPLE["context_schedule"],
                                                        label="context schedule", elem_id="aa-schedule")
                     with gr.Row():
                         frames = gr.Number(label="frames (0: all)", value=0, precision=0,

@@ -114,6 +114,40 @@ def test_cli_one_line_exit_2(files, tmp_path, capsys, field, value, says):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_every_sampling_field_is_one_flag_of_run_and_eval():
+    """The sampling flags are declared once (aa_trt.commands.sample_flags): one per SampleOptions
+    field, on `run` and `eval`, starting from SampleOptions' defaults, and mapped back onto
+    SampleOptions by field name."""
+    from aa_trt.cli import build_parser
+    from aa_trt.commands.run import run_options
+    from aa_trt.commands.sample_flags import SAMPLE_FLAGS, flag, sample_options
+
+    assert list(SAMPLE_FLAGS) and set(SAMPLE_FLAGS) == set(SampleOptions.fields())
+    defaults = SampleOptions.defaults()
+    run = build_parser().parse_args(["run", "r.png", "d.mp4", "-o", "o.mp4"])
+    ev = build_parser().parse_args(["eval", "--ckpt", "c", "--data", "d"])
+    assert {n: getattr(run, n) for n in SAMPLE_FLAGS} == defaults
+    assert {n: getattr(ev, n) for n in SAMPLE_FLAGS} == {**defaults, "seed": 0}  # video i: seed + i
+    assert run_options(run).sample == SampleOptions() and sample_options(ev) == SampleOptions(seed=0)
+    given = dict(steps=7, guidance=2.5, sampler="dpmpp_2m", context_frames=16, context_overlap=2,
+                 context_schedule="sliding", window_batch=2, seed=5, guidance_interval=(100, 900),
+                 timestep_power=2.0)
+    argv = [a for k, v in given.items()
+            for a in (flag(k), ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+    for command in (["run", "r.png", "d.mp4", "-o", "o.mp4"], ["eval", "--ckpt", "c", "--data", "d"]):
+        assert sample_options(build_parser().parse_args([*command, *argv])) == SampleOptions(**given)
+
+
+def test_the_page_starts_from_the_sample_options_defaults():
+    from aa_trt.options import CONTEXT_SCHEDULES
+    from aa_trt.ui import SCHEDULES, PageSettings
+
+    page, defaults = PageSettings(), SampleOptions.defaults()
+    shared = [n for n in SampleOptions.fields() if hasattr(page, n) and n != "seed"]  # the page: random_seed
+    assert len(shared) >= 6 and all(getattr(page, n) == defaults[n] for n in shared)
+    assert SCHEDULES == CONTEXT_SCHEDULES
+
+
 # ---------------------------------------------------------------------------------- a batch
 def test_batch_records_each_bad_value_and_runs_the_rest(files, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"

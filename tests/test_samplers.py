@@ -172,17 +172,17 @@ def test_guidance_interval_accepted_and_checked_against_the_model():
 
 
 def test_cli_flags_reach_the_sample_options(capsys):
-    from aa_trt.run import RunOptions
-    from aa_trt.options import SampleOptions as SO
+    from aa_trt.commands.run import run_options
+    from aa_trt.commands.sample_flags import sample_options
 
     args = build_parser().parse_args(["run", "r.png", "d.mp4", "-o", "o.mp4", "--sampler", "dpmpp_2m",
                                       "--guidance-interval", "300,999"])
-    names = set(RunOptions.fields()) | set(SO.fields())
-    opts = RunOptions.create(**{k: v for k, v in vars(args).items() if k in names})
+    opts = run_options(args)
     assert opts.sample.sampler == "dpmpp_2m" and opts.sample.guidance_interval == (300, 999)
     e = build_parser().parse_args(["eval", "--ckpt", "c", "--data", "d", "--sampler", "dpmpp_2m",
                                    "--guidance-interval", "1,2", "--agreement-steps", "50"])
     assert (e.sampler, e.guidance_interval, e.agreement_steps) == ("dpmpp_2m", "1,2", 50)
+    assert sample_options(e).guidance_interval == (1, 2)
     rc = main(["run", "r.png", "d.mp4", "-o", "o.mp4", "--guidance-interval", "9,2"])
     err = capsys.readouterr().err
     assert rc == 2 and "--guidance-interval" in err and "Traceback" not in err

@@ -114,11 +114,10 @@ def test_timestep_power_refused(bad):
 
 
 def test_cli_flag_reaches_the_options_and_bad_values_are_one_line(capsys):
-    from aa_trt.run import RunOptions
+    from aa_trt.commands.run import run_options
 
     args = build_parser().parse_args(["run", "r.png", "d.mp4", "-o", "o.mp4", "--timestep-power", "2"])
-    names = set(RunOptions.fields()) | set(SampleOptions.fields())
-    opts = RunOptions.create(**{k: v for k, v in vars(args).items() if k in names})
+    opts = run_options(args)
     assert opts.sample.timestep_power == 2.0
     assert build_parser().parse_args(["eval", "--ckpt", "c", "--data", "d", "--timestep-power", "3"]).timestep_power == 3.0
     rc = main(["run", "r.png", "d.mp4", "-o", "o.mp4", "--timestep-power", "0"])

@@ -105,12 +105,11 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
     sample = animator.sample_options(opts.sample)
     result = {"ckpt": str(opts.ckpt), "data": str(root), "frames": opts.frames, "steps": sample.steps,
               "guidance": sample.guidance, "seed": sample.seed, **run_precision, **opts.extra, "splits": {}}
-    if sample.sampler != "ddim":
-        result["sampler"] = sample.sampler
-    if sample.guidance_interval is not None:
-        result["guidance_interval"] = list(sample.guidance_interval)
-    if sample.timestep_power is not None:
-        result["timestep_power"] = sample.timestep_power
+    defaults = SampleOptions.defaults()  # the other sampling options, recorded where not the default
+    for name in SampleOptions.fields():
+        value = getattr(sample, name)
+        if name not in result and value != defaults[name]:
+            result[name] = list(value) if isinstance(value, tuple) else value
     converged = None
     if opts.agreement_steps is not None:
         if not opts.model:
