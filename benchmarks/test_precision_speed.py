@@ -15,24 +15,18 @@ import statistics
 import pytest
 import torch
 
-from aa_trt.config import PRESETS
 from aa_trt.pipeline import Animator, vae_dtype_for
 from aa_trt.precision import choose
 
 from .moore_baseline import moore_animate
+from .op_profile import sd15_half_config
 from .timing import PER_ROUND, compare
 from .workloads import full_models, video_inputs
 
 SIZE = dict(frames=16, height=256, width=256, steps=4, guidance=3.5)
 
 
-def sd15_half():
-    base = PRESETS["sd15"]
-    return dataclasses.replace(
-        base, name="sd15-half",
-        unet=dataclasses.replace(base.unet, block_out_channels=(160, 320, 640, 640)),
-        pose_guider=dataclasses.replace(base.pose_guider, embedding_channels=160),
-        vae=dict(base.vae, block_out_channels=[64, 128, 256, 256]))
+sd15_half = sd15_half_config  # SD1.5's structure at half widths (benchmarks/op_profile.py)
 
 
 def _animator(models, dtype: torch.dtype) -> Animator:
