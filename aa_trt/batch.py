@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from aa_trt import dist as D
+from aa_trt import process_group as D
 from aa_trt.errors import AATrtError, InputError, StorageError
 from aa_trt.files import clash, remove_stale_partials, write_json
 

@@ -7,8 +7,8 @@ decoding, writing, the summary) with a `DistributedAnimator`, which broadcasts t
 and the SampleOptions once; the other ranks only load the denoising UNet and `follow`. Every rank
 then runs the single-process denoise path (`Animator.run_denoise`) on its share of a
 `guidance.Plan` (window parallel, guidance parallel or both), the shares summed by one all-reduce
-per step (`dist.StepReduce`), so every rank holds the same latents as one process would. Only
-rank 0 decodes and writes. The process group and the failure protocol live in aa_trt.dist.
+per step (`process_group.StepReduce`), so every rank holds the same latents as one process would. Only
+rank 0 decodes and writes. The process group and the failure protocol live in aa_trt.process_group.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from aa_trt import dist as D
+from aa_trt import process_group as D
 from aa_trt.errors import OptionError
 from aa_trt.options import check_parallel_mode
 from aa_trt.models.reference_kv import ReferenceKV

@@ -3,7 +3,7 @@
 `windowed_guidance` turns a per-window UNet step into `model(x, t)` for the whole video, Moore's
 aggregation (per-frame sums over the windows, divided by the per-frame count, then CFG). Who
 computes which (branch, window) units is a `Plan`: one process is the one-rank plan; under
-torchrun each rank runs its share and a `reduce` hook (aa_trt.dist.StepReduce) sums the shares
+torchrun each rank runs its share and a `reduce` hook (aa_trt.process_group.StepReduce) sums the shares
 across ranks once per step. The arithmetic after the sum is the same for every plan, so 1, 2 or 3
 ranks give the same latents.
 """

@@ -84,7 +84,7 @@ def _worker(rank, world, port, ckpt, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), AA_TRT_DIST_TIMEOUT="120")
     torch.set_num_threads(1)
-    from aa_trt import dist as D
+    from aa_trt import process_group as D
     from aa_trt.distributed import DistributedAnimator
     from aa_trt.errors import InputError
 

@@ -234,7 +234,7 @@ def test_interval_outside_is_the_cond_prediction_at_one_branch():
 
 def _threaded_ranks(world, mode, x, ts, interval):
     """`world` ranks in threads, each with its plan, summing their shares through a barrier:
-    the arithmetic of aa_trt.dist.StepReduce without processes."""
+    the arithmetic of aa_trt.process_group.StepReduce without processes."""
     bufs, barrier, out, units = [None] * world, threading.Barrier(world), [None] * world, [0] * world
 
     def reduce_for(rank):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aa_trt import dist as D
+from aa_trt import process_group as D
 from aa_trt.checkpoint import Models, build_models, load_checkpoint, save_models
 from aa_trt.config import preset as get_preset
 from aa_trt.errors import InputError, OptionError
@@ -438,7 +438,7 @@ def train(opts: TrainOptions, progress: bool = True, trainer: type[Trainer] = Tr
     # blocks whose inputs need no gradient (stage 2, before the first motion module). Plain path.
     # Restored afterwards: a program that trains and then renders (the tests do) renders with its own.
     previous = attention.set_backend("sdpa")
-    # The process group of every torchrun job (aa_trt.dist): gloo on CPU, NCCL on CUDA.
+    # The process group of every torchrun job (aa_trt.process_group): gloo on CPU, NCCL on CUDA.
     started = D.init_process_group(str(_device(opts.device, int(os.environ.get("LOCAL_RANK", 0)))))
     try:
         return trainer(opts).run(progress)

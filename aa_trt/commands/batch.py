@@ -48,7 +48,7 @@ def handle(args) -> int:
         s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print,
                       overwrite=args.overwrite)
     except AATrtError as e:
-        from aa_trt.dist import CommunicationError
+        from aa_trt.process_group import CommunicationError
         if lead or isinstance(e, CommunicationError):
             raise
         return e.exit_code  # every rank failed the same way; rank 0 says it

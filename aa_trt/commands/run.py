@@ -78,7 +78,7 @@ def run_options(args):
 
 @imports_torch
 def handle(args) -> int:
-    from aa_trt.dist import launched_world_size
+    from aa_trt.process_group import launched_world_size
     from aa_trt.run import run
 
     opts = run_options(args)
