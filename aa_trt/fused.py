@@ -55,7 +55,9 @@ def _have_onednn() -> bool:
 
 
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    from aa_trt.attention import _tracing as tracing  # the one rule (attention imports this module)
+
+    return tracing()
 
 
 def _autocast() -> bool:
@@ -108,6 +110,13 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if _binary_ok(x, weight, bias, other):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
     return linear_add_reference(x, weight, bias, other)
+
+
+def layer(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """lin(x), plus `residual` when given: `linear` / `linear_add` on an nn.Linear's parameters."""
+    if residual is None:
+        return linear(x, lin.weight, lin.bias)
+    return linear_add(x, lin.weight, lin.bias, residual)
 
 
 def linear_mul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

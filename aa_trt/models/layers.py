@@ -149,10 +149,7 @@ class Attention(nn.Module):
 
     def project_out(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """to_out(out) (+ residual, fused on the CPU)."""
-        lin = self.to_out[0]
-        if residual is None:
-            return fused.linear(out, lin.weight, lin.bias)
-        return fused.linear_add(out, lin.weight, lin.bias, residual)
+        return fused.layer(out, self.to_out[0], residual)
 
     def one_token(self, context: torch.Tensor) -> torch.Tensor:
         """`forward(x, context)` when the context is a single token, for any x: the softmax over
@@ -202,11 +199,7 @@ class FeedForward(nn.Module):
         return out
 
     def _rows(self, x, residual):
-        out = self.net[2]
-        h = self.net[0](x)
-        if residual is None:
-            return fused.linear(h, out.weight, out.bias)
-        return fused.linear_add(h, out.weight, out.bias, residual)
+        return fused.layer(self.net[0](x), self.net[2], residual)
 
 
 @dataclass

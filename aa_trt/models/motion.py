@@ -69,10 +69,7 @@ class TemporalAttention(nn.Module):
         else:
             x = self.pos_encoder(x)
             out = attn_math.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
-        lin = self.to_out[0]
-        if residual is None:
-            return fused.linear(out, lin.weight, lin.bias)
-        return fused.linear_add(out, lin.weight, lin.bias, residual)
+        return fused.layer(out, self.to_out[0], residual)
 
     def _packed(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[W_q; W_k; W_v] (3c, c) and pe[:frames] W^T per projection as (3, heads, frames, d),

@@ -177,13 +177,12 @@ class UNet(nn.Module):
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
-        if t.shape[0] == 1 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
-            emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                     self.cfg.freq_shift).to(dtype)
-            return self.time_embedding(emb)  # (1, temb), broadcast over the rows
-        # The embedding of t, then its rows to the batch (t has one entry or `batch` of them).
         emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
-                                 self.cfg.freq_shift).expand(batch, -1).to(dtype)
+                                 self.cfg.freq_shift)
+        if t.shape[0] == 1 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            return self.time_embedding(emb.to(dtype))  # (1, temb), broadcast over the rows
+        # The embedding of t, then its rows to the batch (t has one entry or `batch` of them).
+        emb = emb.expand(batch, -1).to(dtype)
         emb = self.time_embedding(emb)  # (b, temb)
         return emb.repeat_interleave(frames, dim=0) if frames > 1 else emb
 
@@ -215,7 +214,8 @@ class UNet(nn.Module):
         outs = {}
 
         def make():
-            return {name: (lambda name=name: outs.__setitem__(name, run(fmt))) for name, fmt in formats.items()}
+            return {name: (lambda name=name, fmt=fmt: outs.__setitem__(name, run(fmt)))
+                    for name, fmt in formats.items()}
 
         choice = autotune.choose(key, tuple(formats), make)
         return outs[choice] if choice in outs else run(formats[choice])
