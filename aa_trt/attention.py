@@ -87,9 +87,7 @@ def failed_kernels() -> dict[str, str]:
     return dict(_failed)
 
 
-def _tracing() -> bool:
-    """Tracing, compiling or exporting: the graph must keep the plain form."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+_tracing = fused.tracing  # tracing, compiling or exporting: the graph keeps the plain form
 
 
 def _on_gpu(x: torch.Tensor) -> bool:

@@ -54,10 +54,10 @@ def _have_onednn() -> bool:
         return False
 
 
-def _tracing() -> bool:
-    from aa_trt.attention import _tracing as tracing  # the one rule (attention imports this module)
-
-    return tracing()
+def tracing() -> bool:
+    """Tracing, compiling or exporting: the graph must keep the plain form (every fast path,
+    here and in aa_trt.attention, asks this)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def _autocast() -> bool:
@@ -76,7 +76,7 @@ def active(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() or _autocast():
         return False
-    return not _tracing() and _have_onednn()
+    return not tracing() and _have_onednn()
 
 
 def _ok_params(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
