@@ -62,6 +62,25 @@ def _interval(value) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+# `fast`: the sampling options that measured best per kind of checkpoint, with at most a quarter
+# of DDIM-20's counted UNet FLOPs and at least its agreement with the converged render (DDIM-100;
+# docs/samplers.md, "--fast", has the frontier and the commands that measured it). Keyed by
+# whether CFG runs (guidance > 1): the two branches make multistep extrapolation unstable.
+FAST_PRESETS = {
+    "no_cfg": dict(sampler="dpmpp_2m", steps=5, timestep_power=3.0, reuse_every=2, reuse_depth=1),
+    "cfg": dict(sampler="ddim", steps=6, timestep_power=2.0, reuse_every=2, reuse_depth=1),
+}
+# The steps a checkpoint declares when it is not a distilled student (ModelConfig.steps' default).
+UNDISTILLED_STEPS = 20
+
+
+def fast_preset(config, guidance: float) -> dict:
+    """The `fast` settings for a model (aa_trt.config.ModelConfig) at a guidance scale."""
+    if config.steps != UNDISTILLED_STEPS:  # a distilled student: its own steps and sampler
+        return {}
+    return dict(FAST_PRESETS["cfg" if guidance > 1.0 else "no_cfg"])
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """How a video is denoised.
@@ -82,6 +101,16 @@ class SampleOptions:
       Moore-exact); a number p > 0 puts step i at round(T (1 - i / steps)^p) - 1, so p > 1 takes
       smaller steps at low noise, where a few-step render makes most of its error (2: DDIM-10
       closer to the converged render than DDIM-20; docs/samplers.md).
+    reuse_every / reuse_depth: feature reuse across steps (DeepCache, Ma et al. 2024): the UNet
+      runs whole at steps 0, N, 2N, ... (N = reuse_every) and at the steps between runs only its
+      outermost `reuse_depth` resolution levels, on the deep features kept from the last whole
+      step (per window and CFG branch). 1 (the default): every step whole. The depth is checked
+      against the model (at most its levels - 1); a deeper branch saves less and changes less.
+    fast: the measured fastest setting that keeps the default's agreement with the converged
+      render (FAST_PRESETS, docs/samplers.md "--fast"), chosen by the run's guidance scale; it
+      fills the fields left at their defaults when the options are resolved against a model
+      (a field given explicitly wins). A distilled student (a model declaring its own steps)
+      keeps its steps and sampler: nothing else was measured on one.
     """
 
     steps: int | None = None
@@ -94,6 +123,9 @@ class SampleOptions:
     seed: int | None = None
     guidance_interval: tuple[int, int] | None = None
     timestep_power: float | None = None
+    reuse_every: int = 1
+    reuse_depth: int = 1
+    fast: bool = False
 
     def __post_init__(self):
         if self.steps is not None:
@@ -122,6 +154,10 @@ class SampleOptions:
             if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or not 0 < p <= 10:
                 raise OptionError("timestep_power", p, "must be a number in (0, 10]")
             object.__setattr__(self, "timestep_power", float(p))
+        _int("reuse_every", self.reuse_every, 1)
+        _int("reuse_depth", self.reuse_depth, 1)
+        if not isinstance(self.fast, bool):
+            raise OptionError("fast", self.fast, "must be true or false")
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -151,6 +187,12 @@ class SampleOptions:
         """Checked against a model's config (aa_trt.config.ModelConfig); steps and guidance
         filled in from it where None."""
         T = config.scheduler.num_train_timesteps
+        if self.fast:
+            preset = fast_preset(config, self.guidance if self.guidance is not None else config.guidance)
+            defaults = self.defaults()
+            fill = {k: v for k, v in preset.items() if getattr(self, k) == defaults[k] and v != defaults[k]}
+            if fill:
+                return dataclasses.replace(self, **fill).resolve(config)
         if self.steps is None:
             return dataclasses.replace(self, steps=int(config.steps)).resolve(config)
         if self.steps > T:
@@ -158,11 +200,24 @@ class SampleOptions:
         if self.guidance_interval is not None and self.guidance_interval[1] > T - 1:
             raise OptionError("guidance_interval", self.guidance_interval,
                               f"timesteps must be in 0..{T - 1} (the model's training timesteps)")
+        levels = len(config.unet.block_out_channels)
+        if self.reuse_depth > levels - 1:
+            raise OptionError("reuse_depth", self.reuse_depth,
+                              f"must be in 1..{levels - 1} (the model's UNet has {levels} resolution levels; "
+                              f"the innermost is the part reused)")
         limit = config.motion.max_len
         if self.context_frames > limit:
             raise OptionError("context_frames", self.context_frames,
                               f"exceeds the motion modules' maximum window of {limit} frames")
         return self if self.guidance is not None else dataclasses.replace(self, guidance=float(config.guidance))
+
+    @property
+    def reuses_features(self) -> bool:
+        return self.reuse_every > 1
+
+    def full_step(self, i: int) -> bool:
+        """Whether step i runs the whole UNet (always, without feature reuse)."""
+        return i % self.reuse_every == 0
 
     @property
     def cfg(self) -> bool:

@@ -16,10 +16,13 @@ from PIL import Image
 
 from aa_trt.checkpoint import Models, load_checkpoint
 from aa_trt.errors import InputError, OptionError
+from aa_trt.feature_reuse import FeatureStore
+from aa_trt.flop_count import UNetCost
 from aa_trt.guidance import Reduce, context_windows, make_plan, windowed_guidance
 from aa_trt.models.external import clip_pixels
 from aa_trt.models.layers import ReferenceState
 from aa_trt.models.reference_kv import ReferenceKV, compute_reference_kv
+from aa_trt.models.unet import UNet
 from aa_trt.options import SampleOptions
 from aa_trt.pose.stage import PoseFrames, RenderedFrames
 from aa_trt.sampling import SAMPLERS, sampling_schedule
@@ -73,6 +76,7 @@ class Animator:
         self.last_seed: int | None = None
         self._offloaded = False  # the conditioning models are on the CPU (see `offload`)
         self.plan = None  # the last denoise's guidance.Plan (who computed which windows)
+        self.unet_cost: UNetCost | None = None  # the last denoise's counted UNet FLOPs (this rank's)
         self.set_options(offload=offload, compile=compile, cuda_graph=cuda_graph)
 
     @classmethod
@@ -195,9 +199,11 @@ class Animator:
                                     clip_embeds[:, None], self.config.bank_dtype)
 
     # ------------------------------------------------------------------ denoising
-    def unet_step(self, cond: Conditioning):
+    def unet_step(self, cond: Conditioning, reuse: FeatureStore | None = None, cost: UNetCost | None = None):
         """The per-window step for `windowed_guidance`: uncond rows without reference attention
-        and with a zero CLIP context, cond rows with both; every row gets its pose features."""
+        and with a zero CLIP context, cond rows with both; every row gets its pose features.
+        reuse: feature reuse across steps (whole and shallow UNet calls, aa_trt.feature_reuse);
+        cost: where each call's counted FLOPs are added."""
         call = self.unet_call()
         # torch.compile gets the timestep as a device tensor (an int would be a new constant per
         # step: a recompile); CUDA graphs fill their own device scalar from the int.
@@ -232,16 +238,50 @@ class Animator:
             nb = len(branches)
             x = x_win.permute(0, 2, 1, 3, 4).reshape(k * f, c, h, w).to(self.dtype)
             pose = torch.cat([feats[frames_of(win)] for win in windows]).to(self.device, non_blocking=True)
-            if nb > 1:
-                x, pose = x.repeat(nb, 1, 1, 1), pose.repeat(nb, 1, 1, 1)
-            ctx = torch.cat([clip if b == "cond" else torch.zeros_like(clip)
-                             for b in branches for _ in range(k)])
-            use_ref = [b == "cond" for b in branches for _ in range(k)]
-            state = ReferenceState(kv=cond.reference_kv.pairs, runs=ReferenceState.row_runs(use_ref, f))
-            out = call(x, timestep(t), ctx, frames=f, pose=pose, ref=state)
+            units = [(b, j) for b in branches for j in range(k)]  # the call's row groups, f rows each
+
+            def run(positions, deep=None) -> torch.Tensor:
+                # the units at `positions` -> their predictions (len(positions) * f, c, h, w)
+                sel = [units[p] for p in positions]
+                if len(sel) == len(units):
+                    xs, ps = (x.repeat(nb, 1, 1, 1), pose.repeat(nb, 1, 1, 1)) if nb > 1 else (x, pose)
+                else:
+                    xs = torch.cat([x[j * f:(j + 1) * f] for _, j in sel])
+                    ps = torch.cat([pose[j * f:(j + 1) * f] for _, j in sel])
+                ctx = torch.cat([clip if b == "cond" else torch.zeros_like(clip) for b, _ in sel])
+                state = ReferenceState(kv=cond.reference_kv.pairs,
+                                       runs=ReferenceState.row_runs([b == "cond" for b, _ in sel], f))
+                extra = {} if deep is None else {"deep": deep}
+                shallow = deep is not None and deep.shallow
+                out = call(xs, timestep(t), ctx, frames=f, pose=ps, ref=state, **extra)
+                if cost is not None:
+                    cost.add(xs, ctx, ps, state, f, deep, shallow)
+                return out
+
+            if reuse is None:
+                out = run(range(len(units)))
+            else:
+                names = [tuple(torch.as_tensor(win).tolist()) for win in windows]
+                out = reuse.run(run, [(b, names[j]) for b, j in units], t, f)
             return out.view(nb * k, f, c, h, w).permute(0, 2, 1, 3, 4).float()
 
         return step
+
+    def feature_reuse_refusal(self) -> str | None:
+        """Why this animator's UNet call cannot run part of the network (None: it can)."""
+        if not isinstance(self.models.denoising_unet, UNet):
+            return "this engine runs the denoising UNet as one whole graph; run without --engine"
+        if self.cuda_graph:
+            return "CUDA graphs replay whole UNet calls; run without cuda_graph"
+        if self.compile:
+            return "torch.compile'd UNet calls are whole-network; run without compile"
+        return None
+
+    def check_feature_reuse(self, sample: SampleOptions) -> None:
+        """Refuse feature reuse (one OptionError line) where the UNet call cannot do it."""
+        why = self.feature_reuse_refusal() if sample.reuses_features else None
+        if why:
+            raise OptionError("reuse_every", sample.reuse_every, f"feature reuse is not available: {why}")
 
     def unet_call(self):
         """The denoising UNet's call as the denoise loop runs it, `(x, t, context, frames=, pose=,
@@ -273,7 +313,10 @@ class Animator:
     def sample_options(self, sample: SampleOptions | None = None, **overrides) -> SampleOptions:
         """`sample` (default SampleOptions()) with `overrides` (its field names), checked against
         this model: the options the loop runs (guidance resolved to a number)."""
-        return SampleOptions.build(sample, **overrides).resolve(self.config)
+        sample = SampleOptions.build(sample, **overrides).resolve(self.config)
+        if sample.fast and sample.reuses_features and self.feature_reuse_refusal() is not None:
+            sample = sample.replace(reuse_every=1)  # `fast` on a backend that runs whole UNets only
+        return sample
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, sample: SampleOptions | None = None, *,
                 callback=None, progress: bool = True, **overrides) -> torch.Tensor:
@@ -303,6 +346,7 @@ class Animator:
         # `progress` may instead be a function (done, total) of those units (a web page's bar).
         hook = progress if callable(progress) else None
         total, done = len(schedule) * mine, [start * mine]
+        muted = [False]  # a resumed render's rebuilding call is not progress
         with tqdm(total=total, initial=done[0], desc=f"denoise ({share})", unit="window",
                   disable=not progress or hook is not None) as bar:
             def tick(k: int) -> None:
@@ -311,12 +355,46 @@ class Animator:
                 if hook is not None:
                     hook(done[0], total)
 
-            model = windowed_guidance(self.unet_step(cond), windows, sample.guidance, sample.window_batch,
-                                      tick, plan=self.plan, reduce=reduce,
-                                      interval=sample.guidance_interval)
+            self.check_feature_reuse(sample)
+            reuse = FeatureStore.for_schedule(sample, schedule.timesteps) if sample.reuses_features else None
+            self.unet_cost = UNetCost(self.config)
+            model = windowed_guidance(self.unet_step(cond, reuse, self.unet_cost), windows, sample.guidance, sample.window_batch,
+                                      lambda k: tick(k) if not muted[0] else None, plan=self.plan,
+                                      reduce=reduce, interval=sample.guidance_interval)
             carry = {k: v.to(self.device) for k, v in (carry or {}).items()}
-            return SAMPLERS[sample.sampler](model, latents.to(self.device, torch.float32), schedule,
-                                            callback=callback, disable=True, start=start, carry=carry)
+            latents = latents.to(self.device, torch.float32)
+            if reuse is not None:
+                model, callback = self._reusing(model, reuse, schedule, callback, carry, start, muted)
+            return SAMPLERS[sample.sampler](model, latents, schedule, callback=callback, disable=True,
+                                            start=start, carry=carry)
+
+    @staticmethod
+    def _reusing(model, reuse: FeatureStore, schedule, callback, carry: dict, start: int, muted: list):
+        """The whole-video model and the sampler's callback with feature reuse: each step opens
+        with `reuse.begin_step`, and the carry handed out after a step holds the last whole step's
+        input. Resumed at a shallow step: that whole step's calls run again first (not counted in
+        the progress bar), rebuilding the features it kept."""
+        steps = list(schedule.timesteps)
+
+        def reusing_model(x, t, **kw):
+            reuse.begin_step(steps.index(t), t, x)
+            return model(x, t, **kw)
+
+        def reusing_callback(info):
+            if callback is not None:
+                callback({**info, "carry": {**info["carry"], **reuse.carry()}})
+
+        x_full, i_full = carry.pop("reuse_x", None), carry.pop("reuse_step", None)
+        if start > 0 and steps[start] not in reuse.full_timesteps:
+            if x_full is None or i_full is None:
+                raise ValueError(f"resuming at step {start} with feature reuse needs carry reuse_x/reuse_step "
+                                 f"(the input of the last whole step)")
+            muted[0] = True
+            try:
+                reusing_model(x_full, steps[int(i_full)])
+            finally:
+                muted[0] = False
+        return reusing_model, reusing_callback
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

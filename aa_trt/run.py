@@ -198,6 +198,8 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
                                                               dtype=chosen.torch_dtype())
             anim.set_options(offload=opts.offload, compile=opts.compile, cuda_graph=opts.cuda_graph)
             precision = (chosen.name, chosen.reason)
+    sample = anim.sample_options(sample)  # as this backend runs it (`fast` without feature reuse on an engine)
+    anim.check_feature_reuse(sample)  # before the pose stage's minutes
     with timer("pose"):
         poses, facts = driving_poses(opts, clip, ref_image, width, height)
     resume, start, latents, carry = None, 0, None, None
@@ -231,7 +233,10 @@ def run(opts: RunOptions, make_animator=None, on_progress=None) -> dict:
         resume.remove()  # the output is complete: nothing left to resume
     return {"output": str(opts.output), "frames": n, "width": width, "height": height,
             "guidance": sample.guidance, "steps": sample.steps, "sampler": sample.sampler,
-            "timestep_power": sample.timestep_power, "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
+            "timestep_power": sample.timestep_power, "guidance_interval": sample.guidance_interval,
+            "reuse_every": sample.reuse_every, "reuse_depth": sample.reuse_depth, "fast": sample.fast,
+            "unet_tflop": anim.unet_cost.as_dict() if anim.unet_cost is not None else None,
+            "fps": round(clip.fps, 3), "audio": clip.audio_path is not None, "seed": anim.last_seed,
             "checkpoint": str(ckpt), "backend": type(anim).__name__, "precision": precision[0],
             "precision_reason": precision[1], **facts, "peak_rss_mb": peak_rss_mb(),
             "seconds": {k: round(v, 2) for k, v in timer.stages.items()}}
@@ -367,7 +372,28 @@ def summary_line(result: dict) -> str:
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     size = f" {result['width']}x{result['height']}" if "width" in result else ""
     how = f" in {result['precision']} ({result['precision_reason']})" if "precision" in result else ""
-    return f"wrote {result['output']}: {result['frames']} frames{size}{how}; {secs}"
+    return f"wrote {result['output']}: {result['frames']} frames{size}{how}{sampling_line(result)}; {secs}"
+
+
+def sampling_line(result: dict) -> str:
+    """How the video was sampled and what its UNet calls cost (counted), for the summary line."""
+    if "steps" not in result:
+        return ""
+    how = f"{result['sampler']} {result['steps']} steps"
+    if result.get("timestep_power") is not None:
+        how += f" power {result['timestep_power']:g}"
+    how += f", CFG {result['guidance']:g}"
+    if result.get("guidance_interval"):
+        lo, hi = result["guidance_interval"]
+        how += f" at t {lo}..{hi}"
+    if result.get("reuse_every", 1) > 1:
+        how += f", whole UNet every {result['reuse_every']} steps (depth {result['reuse_depth']} between)"
+    cost = result.get("unet_tflop")
+    if cost:
+        how += f"; UNet {cost['total']:.3g} TFLOP"
+        if cost["shallow"]:
+            how += f" (whole steps {cost['full']:.3g}, shallow {cost['shallow']:.3g})"
+    return f" [{'--fast: ' if result.get('fast') else ''}{how}]"
 
 
 def as_json(result: dict) -> str:

@@ -122,15 +122,17 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
                                                     dtype=precision.torch_dtype())
             converged = ref_animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
                                                     guidance=opts.agreement_guidance, guidance_interval=None,
-                                                    timestep_power=None)
+                                                    timestep_power=None, reuse_every=1, fast=False)
         else:
             converged = animator.sample_options(sample, sampler="ddim", steps=opts.agreement_steps,
-                                                guidance_interval=None, timestep_power=None)
+                                                guidance_interval=None, timestep_power=None, reuse_every=1,
+                                                fast=False)
         result["agreement"] = {"sampler": "ddim", "steps": converged.steps}
         if opts.agreement_ckpt is not None:
             result["agreement"].update(ckpt=str(opts.agreement_ckpt), guidance=converged.guidance)
     result["unet_evaluations"] = unet_evaluations(sample, opts.frames, animator.config.scheduler)
     t0 = time.perf_counter()
+    costs = []  # counted UNet FLOPs of each video rendered
     for split in opts.splits:
         entries = load_split(root, split)[: opts.videos]
         rows = []
@@ -147,6 +149,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
                 out = animator(Image.fromarray(ref), poses[1:1 + n], sample.replace(seed=sample.seed + i),
                                width=w, height=h, progress=False)
                 pred["model"] = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+                costs.append(animator.unet_cost.total)
             agree = {}
             if converged is not None:
                 ref_out = ref_animator(Image.fromarray(ref), poses[1:1 + n], converged.replace(seed=sample.seed + i),
@@ -161,6 +164,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict:
         methods = [m for m in METHODS + ("agreement",) if rows and m in rows[0]]
         mean = {m: {k: float(np.mean([r[m][k] for r in rows])) for k in ("ssim", "psnr", "l1")} for m in methods}
         result["splits"][split] = {"videos": rows, "mean": mean}
+    if costs:  # counted, both CFG branches, whole and shallow steps (aa_trt.flop_count.UNetCost)
+        result["unet_tflop_per_video"] = round(float(np.mean(costs)) / 1e12, 4)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -234,12 +239,14 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
         for c in configs:
             c = animator.sample_options(c, seed=v["seed"])
             if c.guidance not in refs:
-                conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None, timestep_power=None)
+                conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None, timestep_power=None,
+                                 reuse_every=1, fast=False)
                 refs[c.guidance] = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), conv,
                                                                                  progress=progress)))
                 row = {"video": v["name"], "sampler": "ddim", "steps": reference_steps, "guidance": c.guidance,
                        "guidance_interval": None, "reference": True,
-                       "unet_evaluations": unet_evaluations(conv, len(v["poses"]), animator.config.scheduler)}
+                       "unet_evaluations": unet_evaluations(conv, len(v["poses"]), animator.config.scheduler),
+                       "unet_tflop": animator.unet_cost.as_dict()}
                 if v.get("true") is not None:
                     row["truth"] = frame_metrics(refs[c.guidance], v["true"])
                 rows.append(row)
@@ -251,8 +258,10 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
                 frames = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), c, progress=progress)))
             row = {"video": v["name"], "sampler": c.sampler, "steps": c.steps, "guidance": c.guidance,
                    "guidance_interval": list(c.guidance_interval) if c.guidance_interval else None,
-                   "timestep_power": c.timestep_power,
+                   "timestep_power": c.timestep_power, "reuse_every": c.reuse_every, "reuse_depth": c.reuse_depth,
+                   "fast": c.fast,
                    "unet_evaluations": unet_evaluations(c, len(v["poses"]), animator.config.scheduler),
+                   "unet_tflop": animator.unet_cost.as_dict(),
                    "seconds": round(time.perf_counter() - t0, 2),
                    "agreement": frame_metrics(frames, refs[c.guidance])}
             if v.get("true") is not None:

@@ -33,6 +33,17 @@ SAMPLE_FLAGS: dict[str, dict] = {
     "context_schedule": dict(metavar="|".join(CONTEXT_SCHEDULES),
                              help="uniform: Moore's closed-loop windows (wrap the end onto the start, for "
                              "looping dances); sliding: windows that never wrap (default %(default)s)"),
+    "reuse_every": dict(type=int, metavar="N",
+                        help="feature reuse: run the whole UNet every N steps and, between them, only its "
+                        "outer levels on the deep features kept from the last whole step (default %(default)s: "
+                        "off; docs/samplers.md)"),
+    "reuse_depth": dict(type=int, metavar="D",
+                        help="feature reuse: how many outer resolution levels the steps between whole ones "
+                        "run (default %(default)s; deeper saves less)"),
+    "fast": dict(action="store_true",
+                 help="the measured fastest setting that keeps the default's agreement with a 100-step "
+                 "render (sampler, spacing, steps, feature reuse; by the guidance scale; flags given "
+                 "explicitly win; docs/samplers.md)"),
     "window_batch": dict(type=int, metavar="N",
                          help="context windows per UNet call (default %(default)s; more can be faster on a GPU)"),
 }

@@ -6,8 +6,15 @@ One class, three roles, diffusers/Moore state-dict names throughout:
   records the norm1 output of each spatial transformer block;
 - `UNet(cfg, motion)`: Moore's denoising UNet3DConditionModel: per-frame GroupNorm (frames live in
   the batch), PoseGuider features added after conv_in, motion modules after each resnet(+attention).
+
+Feature reuse across steps (`DeepFeatures`; DeepCache, Ma et al. 2024): a full call can hand out
+the features that enter the outermost `depth` up blocks, and a later "shallow" call runs only
+conv_in, the outermost `depth` down blocks, those up blocks and conv_out on them: the deep levels,
+where features change slowly between neighbouring steps, are skipped.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +36,21 @@ class _Counter:
     def __call__(self) -> int:
         self.n += 1
         return self.n - 1
+
+
+@dataclass
+class DeepFeatures:
+    """One call's part in feature reuse. depth: how many of the outermost resolution levels a
+    shallow call runs (1 = the full-resolution level only). features None: a full call, which
+    fills them with the input of up block `len(up_blocks) - depth`, (b*f, C, h', w'); given: a
+    shallow call on them (the same rows, from an earlier full call)."""
+
+    depth: int
+    features: torch.Tensor | None = None
+
+    @property
+    def shallow(self) -> bool:
+        return self.features is not None
 
 
 def _motion(ch: int, m: MotionConfig) -> MotionModule:
@@ -55,7 +77,8 @@ class DownBlock(nn.Module):
             self.motion_modules = None
         self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if add_down else None
 
-    def forward(self, x, temb, context, frames, ref):
+    def forward(self, x, temb, context, frames, ref, downsample: bool = True):
+        # downsample False: stop before the downsampler (a shallow call needs only the skips)
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -64,7 +87,7 @@ class DownBlock(nn.Module):
             if self.motion_modules is not None:
                 x = self.motion_modules[j](x, frames)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and downsample:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
@@ -186,20 +209,34 @@ class UNet(nn.Module):
         emb = self.time_embedding(emb)  # (b, temb)
         return emb.repeat_interleave(frames, dim=0) if frames > 1 else emb
 
+    def max_reuse_depth(self) -> int:
+        """The deepest feature reuse this UNet allows: every level but the innermost."""
+        return len(self.up_blocks) - 1
+
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor, *, frames: int = 1,
-                pose: torch.Tensor | None = None, ref: ReferenceState | None = None) -> torch.Tensor:
+                pose: torch.Tensor | None = None, ref: ReferenceState | None = None,
+                deep: DeepFeatures | None = None) -> torch.Tensor:
         """x (b*f, c_in, h, w); timestep scalar or (b,); context (b, S, D) or (b*f, S, D);
-        pose (b*f, C0, h, w) or None  ->  (b*f, c_out, h, w), or the last features without conv_out."""
+        pose (b*f, C0, h, w) or None  ->  (b*f, c_out, h, w), or the last features without conv_out.
+        deep: feature reuse (DeepFeatures): a full call records into it, a shallow one reads it."""
         n = x.shape[0]
         b = n // frames
         temb = self.time_embed(timestep, b, frames, x.device, x.dtype)
         if context.shape[0] != n:
             context = context.repeat_interleave(frames, dim=0)
+        if deep is None:
+            return self._call_in_measured_layout(
+                x, ref, lambda fmt: self._layers(x, temb, context, frames, pose, ref, fmt)[0])
+        if not 1 <= deep.depth <= self.max_reuse_depth():
+            raise ValueError(f"feature reuse depth {deep.depth}: this UNet allows 1..{self.max_reuse_depth()}")
+        # The winner's own output and features (the timed first call runs both layouts).
+        out, features = self._call_in_measured_layout(
+            x, ref, lambda fmt: self._layers(x, temb, context, frames, pose, ref, fmt, deep),
+            tag=f":d{deep.depth}" if deep.shallow else "")
+        deep.features = features
+        return out
 
-        return self._call_in_measured_layout(
-            x, ref, lambda fmt: self._layers(x, temb, context, frames, pose, ref, fmt))
-
-    def _call_in_measured_layout(self, x: torch.Tensor, ref: ReferenceState | None, run) -> torch.Tensor:
+    def _call_in_measured_layout(self, x: torch.Tensor, ref: ReferenceState | None, run, tag: str = ""):
         """run(fmt) in the activations' memory layout that is fastest for this call's shape on this
         machine (aa_trt.layout; every block keeps the layout it is given). The first call at a
         shape is timed whole in both layouts (one call's worth extra, once per machine: a model of
@@ -209,7 +246,7 @@ class UNet(nn.Module):
             return run(choose_format(x, self.cfg.block_out_channels, self.cfg.norm_num_groups, token_copies=2))
         n, _, h, w = x.shape
         key = (f"layout:unet-call:{str(x.dtype).removeprefix('torch.')}:"
-               f"c{'-'.join(map(str, self.cfg.block_out_channels))}:{n}x{h}x{w}:m{int(self.motion_cfg is not None)}")
+               f"c{'-'.join(map(str, self.cfg.block_out_channels))}:{n}x{h}x{w}:m{int(self.motion_cfg is not None)}{tag}")
         formats = {"nchw": torch.contiguous_format, "nhwc": CHANNELS_LAST}
         outs = {}
 
@@ -220,7 +257,8 @@ class UNet(nn.Module):
         choice = autotune.choose(key, tuple(formats), make)
         return outs[choice] if choice in outs else run(formats[choice])
 
-    def _layers(self, x, temb, context, frames, pose, ref, fmt) -> torch.Tensor:
+    def _layers(self, x, temb, context, frames, pose, ref, fmt, deep: DeepFeatures | None = None):
+        """-> (output, the features entering up block len(up_blocks) - deep.depth, or None)."""
         keep_conv_weights(self, fmt)
         if fmt is not torch.contiguous_format:
             x = x.contiguous(memory_format=fmt)
@@ -231,19 +269,34 @@ class UNet(nn.Module):
             if pose is not None:
                 h = h + pose
         skips = [h]
-        for block in self.down_blocks:
-            h, s = block(h, temb, context, frames, ref)
+        shallow = deep is not None and deep.shallow
+        # A shallow call runs the outermost `depth` down blocks, the last one without its
+        # downsampler (whose skip feeds a deep up block), then the outermost up blocks on the
+        # recorded deep features: the skips it makes are exactly those they consume.
+        first_up = len(self.up_blocks) - deep.depth if deep is not None else None
+        down = self.down_blocks[:deep.depth] if shallow else self.down_blocks
+        for i, block in enumerate(down):
+            h, s = block(h, temb, context, frames, ref, downsample=not (shallow and i == deep.depth - 1))
             skips.extend(s)
-        h = self.mid_block(h, temb, context, frames, ref)
+        features = None
+        if shallow:
+            h = features = deep.features.contiguous(memory_format=fmt)
+        else:
+            h = self.mid_block(h, temb, context, frames, ref)
         for i, block in enumerate(self.up_blocks):
+            if shallow and i < first_up:
+                continue
+            if i == first_up and not shallow:
+                features = h
             k = len(block.resnets)
             block_skips, skips = skips[-k:], skips[:-k]
             up_size = skips[-1].shape[-2:] if skips else None
             h = block(h, block_skips, temb, context, frames, ref, up_size)
         if self.conv_out is None:
-            return h
+            return h, features
         out = self.conv_out(norm_silu(self.conv_norm_out, h))
-        return out.contiguous() if fmt != torch.contiguous_format else out  # NCHW out (c_out is small)
+        # NCHW out (c_out is small)
+        return (out.contiguous() if fmt != torch.contiguous_format else out), features
 
     def reference_bank(self, x: torch.Tensor, timestep, context: torch.Tensor) -> list[torch.Tensor]:
         """ReferenceNet mode: the norm1 output of every transformer block, (b, L_i, C_i) each.
