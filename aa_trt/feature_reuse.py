@@ -4,8 +4,9 @@ whole step, kept per (CFG branch, context window) and handed to the shallow step
 Which steps are whole is a function of the step index alone (SampleOptions.full_step), and every
 rank of a torchrun plan clears its store at the start of each whole step whether or not it runs
 anything then, so a unit's features always come from the last whole step that computed it, on
-every plan. A unit with no features yet (its branch did not run at the last whole step: the
-guidance interval) runs whole. Resuming: the input of the last whole step travels in the
+every plan. A unit with no features (its branch did not run at the last whole step: the guidance
+interval) runs whole until the next whole step, and what it makes is not kept: the store is a
+function of the last whole step alone, which is what lets a resume rebuild it. Resuming: the input of the last whole step travels in the
 sampler's carry ("reuse_x", "reuse_step"); a render resumed at a shallow step first reruns that
 whole step's UNet calls on it, which rebuilds the store bit for bit.
 """
@@ -57,10 +58,12 @@ class FeatureStore:
         miss = [p for p, u in enumerate(units) if full or u not in self._units]
         hit = [p for p, u in enumerate(units) if not full and u in self._units]
         outs = {}
-        if miss:
+        if miss and full:
             deep = DeepFeatures(self.depth)
             outs["miss"] = call(miss, deep)
             self._put([units[p] for p in miss], deep.features, rows)
+        elif miss:  # whole, and not kept: the store holds what the last whole step made, only
+            outs["miss"] = call(miss, None)
         if hit:
             keys = tuple(units[p] for p in hit)
             feats = self._groups.get(keys)

@@ -22,9 +22,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("videos", choices=("example", "heldout", "guard"), help="which videos (above)")
     p.add_argument("out", help="JSON-lines file the rows are appended to")
-    p.add_argument("--plan", choices=("frontier", "guard", "few"), default=None,
+    p.add_argument("--plan", choices=("frontier", "guard", "few", "reuse", "fast"), default=None,
                    help="options to score: the whole frontier (default; 'guard' for the guard videos), the "
-                        "candidates only, or DPM-Solver++(2M) at 3-4 steps with large powers")
+                        "candidates only, DPM-Solver++(2M) at 3-4 steps with large powers, feature reuse "
+                        "('reuse': DDIM-20 and the best sampler settings with and without it), or "
+                        "'fast': the defaults, --fast and the 100-step render's own truth scores")
     p.add_argument("--guidance", type=float, default=None, help="keep only the options at this CFG scale")
     p.add_argument("--data", type=Path, default=None, help="synthetic data set (heldout, guard)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the embedded model)")
@@ -35,8 +37,21 @@ def parser() -> argparse.ArgumentParser:
 
 def plan(name: str, S) -> list:
     """The sampling options of each plan (S: SampleOptions)."""
-    def c(sampler, steps, g, power=None):
-        return S(sampler=sampler, steps=steps, guidance=g, timestep_power=power)
+    def c(sampler, steps, g, power=None, every=1, depth=1):
+        return S(sampler=sampler, steps=steps, guidance=g, timestep_power=power, reuse_every=every,
+                 reuse_depth=depth)
+
+    if name == "fast":
+        return [c("ddim", 20, 1.0), S(guidance=1.0, fast=True), c("ddim", 20, 3.5), S(guidance=3.5, fast=True)]
+    if name == "reuse":  # feature reuse on DDIM-20 and on the best sampler-only settings
+        out = []
+        for g, best in ((1.0, ("dpmpp_2m", 5, 3.0)), (3.5, ("ddim", 8, 2.0))):
+            out += [c("ddim", 20, g), c("ddim", 20, g, None, 2), c("ddim", 20, g, None, 3), c("ddim", 20, g, None, 2, 2)]
+            out += [c(*best[:2], g, best[2]), c(*best[:2], g, best[2], 2), c(*best[:2], g, best[2], 3),
+                    c(*best[:2], g, best[2], 2, 2)]
+            out += [c(best[0], n, g, best[2], 2) for n in (4, 6, 7)]
+            out += [c(best[0], n, g, best[2]) for n in (4, 6)]
+        return out
 
     if name == "guard":  # the presets the docs recommend, on every held-out video
         return [c("ddim", 20, 1.0), c("ddim", 10, 1.0, 1.5), c("ddim", 10, 1.0, 2.0), c("dpmpp_2m", 5, 1.0, 3.0),
