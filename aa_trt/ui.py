@@ -82,6 +82,7 @@ class PageSettings:
     start: float | None = 0
     align: bool = True
     dtype: str = "auto"
+    fast: bool = False  # the measured fastest setting: steps, sampler and spacing fields are then ignored
 
     def options(self) -> dict:
         def whole(name, v, empty=None, zero_is_empty=False):
@@ -107,6 +108,10 @@ class PageSettings:
         if self.timestep_power:
             kw["timestep_power"] = float(self.timestep_power)
         kw["seed"] = None if self.random_seed else whole("seed", self.seed, 0)
+        if self.fast:  # the preset chooses these (a field given to it explicitly would win)
+            for name in ("steps", "sampler", "timestep_power"):
+                kw.pop(name, None)
+            kw["fast"] = True
         return kw
 
 
@@ -268,7 +273,10 @@ def summary_text(out: dict) -> str:
     audio = "with the source's audio" if s["audio"] else "no audio in the source"
     model = "model loaded" if out["loaded"] else "model reused from the last run"
     return (f"Done: {s['frames']} frames {s['width']}x{s['height']} at {s['fps']:g} fps, {audio}; "
-            f"seed {seed}; {s['steps']} {s['sampler']} steps, guidance {s['guidance']:g}; "
+            f"seed {seed}; {'--fast: ' if s.get('fast') else ''}{s['steps']} {s['sampler']} steps"
+            f"{', whole UNet every %d' % s['reuse_every'] if s.get('reuse_every', 1) > 1 else ''}, "
+            f"guidance {s['guidance']:g}; "
+            f"{'UNet %.3g TFLOP; ' % s['unet_tflop']['total'] if s.get('unet_tflop') else ''}"
             f"{s['precision']} ({s['precision_reason']}); {model}")
 
 
@@ -330,6 +338,8 @@ def build(app: PageApp):
                                               elem_id="aa-sampler")
                         timestep_power = gr.Number(label="timestep power (0: the model's spacing; 2-3: fewer steps)",
                                                    value=0, minimum=0, elem_id="aa-timestep-power")
+                        fast = gr.Checkbox(label="fast (the measured fastest setting; ignores steps, sampler, "
+                                           "timestep power)", value=False, elem_id="aa-fast")
                     with gr.Row():
                         random_seed = gr.Checkbox(label="random seed", value=True, elem_id="aa-random")
                         seed = gr.Number(label="seed (when not random)", value=0, precision=0, elem_id="aa-seed")
@@ -366,12 +376,12 @@ def build(app: PageApp):
                                     elem_id="aa-pose", height=220)
 
         settings_inputs = [steps, guidance, sampler, timestep_power, random_seed, seed, width, height, context_frames,
-                           context_overlap, context_schedule, frames, stride, start, align, dtype]
+                           context_overlap, context_schedule, frames, stride, start, align, dtype, fast]
 
         # Named parameters (not *values): gradio's API names each input after them.
         def on_generate(reference_image, driving_video, driving_is_pose_video, steps, guidance, sampler,
                         timestep_power, random_seed, seed, width, height, context_frames, context_overlap,
-                        context_schedule, frames, stride, start, align, dtype, progress=gr.Progress()):
+                        context_schedule, frames, stride, start, align, dtype, fast, progress=gr.Progress()):
             values = dict(locals())
             settings = PageSettings(**{k: values[k] for k in SETTINGS})
             progress(0.0, desc="reading, extracting the pose, loading the model")
@@ -388,7 +398,7 @@ def build(app: PageApp):
 
         def on_preview(reference_image, driving_video, driving_is_pose_video, steps, guidance, sampler,
                        timestep_power, random_seed, seed, width, height, context_frames, context_overlap,
-                       context_schedule, frames, stride, start, align, dtype):
+                       context_schedule, frames, stride, start, align, dtype, fast):
             values = dict(locals())
             settings = PageSettings(**{k: values[k] for k in SETTINGS})
             try:

@@ -2,9 +2,11 @@
 video encode): today's defaults (DDIM, 20 steps, the embedded model's CFG 1.0: 20 UNet evaluations
 a window) against the few-step presets of docs/samplers.md ("Power-spaced timesteps"): DPM-Solver++
 (2M) at 5 steps with timestep power 3 (a quarter of the evaluations, closer to the converged render
-than DDIM-20 on the example and held-out) and DDIM at 10 steps with power 2 (half). The aim is the
-README command at least 2x faster at that point; the stage split says where the rest
-of the time goes.
+than DDIM-20 on the example and held-out) and DDIM at 10 steps with power 2 (half), and `--fast`
+(the measured preset: sampler, spacing, steps and feature reuse; at most a quarter of DDIM-20's
+counted UNet FLOPs). The aims: the README command at least 2x faster with the quarter preset, and
+at least 2.5x with `--fast` on the 4-second clip; the stage split says where the rest of the time
+goes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .workloads import ROOT
 
 REF, DANCE = ROOT / "examples" / "ref.png", ROOT / "examples" / "dance.mp4"
 PRESETS = {"quarter": ("--sampler", "dpmpp_2m", "--steps", "5", "--timestep-power", "3"),
-           "half": ("--sampler", "ddim", "--steps", "10", "--timestep-power", "2")}
+           "half": ("--sampler", "ddim", "--steps", "10", "--timestep-power", "2"),
+           "fast": ("--fast",)}
 
 
 CLIP_4S = 60  # frames: a 4-second dance at the example's 15 fps (Moore's users' "4-second clip")
@@ -53,7 +56,7 @@ def dance_4s(tmp_path_factory):
 @pytest.mark.skipif(not (DEFAULT_MODEL.is_file() and REF.is_file() and DANCE.is_file()),
                     reason="needs the embedded model and examples/ref.png, examples/dance.mp4")
 @pytest.mark.benchmark(group="readme-command")
-@pytest.mark.parametrize("preset,clip", [(p, "example") for p in PRESETS] + [("quarter", "4s")])
+@pytest.mark.parametrize("preset,clip", [(p, "example") for p in PRESETS] + [("quarter", "4s"), ("fast", "4s")])
 def test_readme_command_at_fewer_evaluations(benchmark, rounds, record, tmp_path, request, preset, clip):
     flags = PRESETS[preset]
     dance = DANCE if clip == "example" else request.getfixturevalue("dance_4s")
@@ -71,7 +74,8 @@ def test_readme_command_at_fewer_evaluations(benchmark, rounds, record, tmp_path
     s = compare(benchmark, run("preset", flags), run("defaults", ()), rounds).summary()
     stages = {side: {k: statistics.median(x["seconds"][k] for x in runs[-rounds:]) for k in runs[-1]["seconds"]}
               for side, runs in summaries.items()}
-    facts = {side: {k: runs[-1][k] for k in ("sampler", "steps", "guidance", "precision", "frames", "width", "height")}
+    facts = {side: {k: runs[-1].get(k) for k in ("sampler", "steps", "guidance", "timestep_power", "reuse_every",
+                                                  "reuse_depth", "unet_tflop", "precision", "frames", "width", "height")}
              for side, runs in summaries.items()}
     info = dict(s, stage_s=stages, runs=facts, half_flags=" ".join(flags))
     benchmark.extra_info.update(info)
