@@ -260,3 +260,14 @@ def test_run_summary_reports_fast_and_the_unet_tflop(tmp_path, capsys):
     assert result["fast"] is True and result["steps"] == 6 and result["reuse_every"] == 2
     t = result["unet_tflop"]
     assert t["shallow"] > 0 and t["total"] == pytest.approx(t["full"] + t["shallow"], abs=2e-4)
+    # a batch: --fast for the jobs that do not say otherwise
+    jobs = tmp_path / "jobs.jsonl"
+    base = {"ref": str(ref), "driving": str(dance), "pose_video": True, "guidance": 3.5, "dtype": "fp32"}
+    jobs.write_text(json.dumps({**base, "output": "a.mp4"}) + "\n" + json.dumps({**base, "output": "b.mp4",
+                                                                                 "fast": False, "steps": 2}) + "\n")
+    assert main(["batch", str(jobs), "--ckpt", str(ckpt), "--fast", "--quiet"]) == 0
+    done = {json.loads(p.read_text())["result"]["output"]: json.loads(p.read_text())["result"]
+            for p in (tmp_path / "jobs.jsonl.status").glob("*.json")}
+    a, b = done[str(tmp_path / "a.mp4")], done[str(tmp_path / "b.mp4")]
+    assert (a["fast"], a["steps"], a["reuse_every"]) == (True, 6, 2)
+    assert (b["fast"], b["steps"], b["reuse_every"], b["unet_tflop"]["shallow"]) == (False, 2, 1, 0)

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     bt.add_argument("--resume", action="store_true", default=None,
                     help="every job keeps its latents after each step and continues them after a kill "
                     "(as `run --resume`; a job may also say \"resume\": true)")
+    bt.add_argument("--fast", action="store_true", default=None,
+                    help="jobs that do not say \"fast\": false use the measured fastest setting (as `run --fast`)")
     bt.add_argument("--status", type=Path, default=None, metavar="DIR",
                     help="folder for the per-job status files (default: JOBS.status beside the jobs file)")
     bt.add_argument("--overwrite", action="store_true", default=None,
@@ -42,7 +44,8 @@ def handle(args) -> int:
     from aa_trt.errors import AATrtError
     from aa_trt.run import as_json
 
-    defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype, "resume": args.resume}
+    defaults = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype, "resume": args.resume,
+                "fast": args.fast}
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
         s = run_batch(args.jobs, defaults, args.status, print_fn=(lambda *a: None) if args.quiet else print,
