@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="keep only the options at this CFG scale")
     p.add_argument("--data", type=Path, default=None, help="synthetic data set (heldout, guard)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the embedded model)")
+    p.add_argument("--engine", type=Path, default=None,
+                   help="run the options on this build's graphs (`aa-trt build`); the references stay the "
+                        "fp32 torch path's")
     p.add_argument("--reference-steps", type=int, default=100, help="DDIM steps of the reference render")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p
@@ -117,8 +120,14 @@ def main(argv=None) -> int:
     if a.guidance is not None:
         configs = [c for c in configs if c.guidance == a.guidance]
     anim = Animator.from_pretrained(ckpt, dtype=torch.float32)
+    runner = anim
+    if a.engine is not None:
+        from aa_trt.backends import animator_from_dir
+
+        runner = animator_from_dir(a.engine, ckpt)
     videos = [example_video(ckpt)] if a.videos == "example" else heldout_videos(a.data, a.videos == "guard")
-    agreement_frontier(anim, videos, configs, a.reference_steps, out=a.out, progress=False)
+    agreement_frontier(runner, videos, configs, a.reference_steps, out=a.out, progress=False,
+                       reference_animator=anim)
     return 0
 
 

@@ -210,7 +210,7 @@ def table(result: dict) -> str:
 
 
 def agreement_frontier(animator, videos, configs, reference_steps: int = 100, out=None,
-                       progress: bool = True) -> list[dict]:
+                       progress: bool = True, reference_animator=None) -> list[dict]:
     """Agreement with the converged render for many sampling options at once, each video's
     conditioning and every reference render computed once.
 
@@ -220,7 +220,9 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
     video and guidance scale the reference is DDIM-`reference_steps` with CFG at every step from
     the same noise. Rows (one per video and config): agreement PSNR/SSIM against it, ground-truth
     metrics where `true` is given, UNet evaluations, seconds. `out`: a JSON-lines file each row is
-    appended to as it is made."""
+    appended to as it is made. reference_animator: who renders the references (default: the
+    animator itself); e.g. the fp32 torch path when `animator` runs an engine's graphs. Both
+    prepare each video's conditioning and draw its noise the same way."""
     import json as _json
 
     import torch
@@ -235,18 +237,20 @@ def agreement_frontier(animator, videos, configs, reference_steps: int = 100, ou
             img, (h, w) = Image.fromarray(ref), ref.shape[:2]
         cond = animator.prepare(img, v["poses"], w, h)
         noise = animator.initial_latents(cond, v["seed"])
+        ref_anim = reference_animator or animator
+        ref_cond = cond if ref_anim is animator else ref_anim.prepare(img, v["poses"], w, h)
         refs = {}
         for c in configs:
             c = animator.sample_options(c, seed=v["seed"])
             if c.guidance not in refs:
                 conv = c.replace(sampler="ddim", steps=reference_steps, guidance_interval=None, timestep_power=None,
                                  reuse_every=1, fast=False)
-                refs[c.guidance] = to_uint8(animator.decode(animator.run_denoise(cond, noise.clone(), conv,
+                refs[c.guidance] = to_uint8(ref_anim.decode(ref_anim.run_denoise(ref_cond, noise.clone(), conv,
                                                                                  progress=progress)))
                 row = {"video": v["name"], "sampler": "ddim", "steps": reference_steps, "guidance": c.guidance,
                        "guidance_interval": None, "reference": True,
                        "unet_evaluations": unet_evaluations(conv, len(v["poses"]), animator.config.scheduler),
-                       "unet_tflop": animator.unet_cost.as_dict()}
+                       "unet_tflop": ref_anim.unet_cost.as_dict()}
                 if v.get("true") is not None:
                     row["truth"] = frame_metrics(refs[c.guidance], v["true"])
                 rows.append(row)
