@@ -116,14 +116,16 @@ def build_shared(specs: list, out_dir: Path, opset: int, keys: dict, data_name: 
 def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int = DEFAULT_OPSET,
           fp16: bool = False, graphs: tuple[str, ...] = GRAPHS, tensorrt: str | None = None,
           log: Callable[[str], None] = print, backend: str | None = None,
-          precision: str | None = None) -> dict:
+          precision: str | None = None, calibration=None) -> dict:
     """Build (or refresh) `out_dir` for `checkpoint` at `shapes`; returns the manifest.
 
     The ONNX graphs are fp32 masters (onnxruntime's CPU provider has few fp16 kernels, and the VAE
     overflows in fp16), checked with onnxruntime in every build. backend (resolve_backend): "auto"
     (TensorRT engines on CUDA, OpenVINO on CPU where importable, else the graphs alone),
     "tensorrt" (required), "openvino" (required; `precision` None/"auto", "bf16" or "f32", see
-    aa_trt.backends.openvino.choose_precision) or "onnxruntime". `fp16` selects the precision of
+    aa_trt.backends.openvino.choose_precision) or "onnxruntime". precision "int8" quantizes the
+    denoising UNet's graphs, calibrated on `calibration` (an export.int8.CalibrationSource;
+    None: the bundled example, 8 steps, seed 0). `fp16` selects the precision of
     the TensorRT engines. tensorrt: the older switch, "auto", "on" (= backend "tensorrt") or
     "off" (= "onnxruntime").
     """
@@ -141,11 +143,21 @@ def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int =
         from aa_trt.backends import openvino as ovb
 
         ov_precision, ov_why = ovb.choose_precision(precision)
+    if calibration is not None and ov_precision != "int8":
+        from aa_trt.errors import OptionError
+
+        raise OptionError("calibration", "given", "applies to `precision` int8 only")
+    if ov_precision == "int8":
+        from aa_trt.export import int8
+
+        int8.import_nncf()  # before any export: a missing nncf is one line, not minutes later
+        calibration = (calibration or int8.CalibrationSource()).resolved()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sha = file_sha256(checkpoint)
     log(f"checkpoint {checkpoint.name}: sha256 {sha[:12]} ({time.perf_counter() - t0:.1f} s)")
-    log(f"backend {backend} ({backend_why})" + (f", OpenVINO {ov_precision} ({ov_why})" if ov_precision else ""))
+    log(f"backend {backend} ({backend_why})" + (f", OpenVINO {ov_precision} ({ov_why})" if ov_precision else "")
+        + (f" on {ovb.int8_support()}, the rest {ovb.inference_hint('int8')}" if ov_precision == "int8" else ""))
     models = load_checkpoint(checkpoint, dtype=torch.float32)
     specs = graph_specs(models, shapes)
 
@@ -197,9 +209,14 @@ def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int =
     elif backend == "openvino":
         from aa_trt.export import openvino as ov_build
 
+        calibrator = None
+        if ov_precision == "int8":
+            from aa_trt.export import int8
+
+            calibrator = int8.Calibrator(checkpoint, shapes, specs, calibration, log)
         manifest["openvino"] = ov_build.compile_graphs(
             out_dir, specs, manifest, old.get("openvino"), ov_precision, ov_why,
-            threads=torch.get_num_threads(), log=log)
+            threads=torch.get_num_threads(), log=log, calibrator=calibrator)
     elif backend_why != "asked for":  # auto found neither TensorRT nor OpenVINO
         log(f"TensorRT engines skipped ({backend_why}): the ONNX graphs run with onnxruntime")
     manifest["complete"] = True

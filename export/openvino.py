@@ -21,6 +21,10 @@ Tolerances, per precision, on seeded random inputs at the "opt" profile point:
   The tiny UNet's error grows with the timestep: 1.7% at t=5, 3.7% at t=500, 11.0% at t=999
   (torch bf16: 1.8%, 1.5%, 5.6%). Half-width sd15 UNet step (16 rows, 32x32 latents): 1.02%
   (torch bf16 1.09%). 15% holds all of that; a wrong graph (wiring, weights) is off by ~100%.
+- int8 (the graphs of aa_trt.export.int8.QUANTIZED; an int8 build's other graphs are checked as
+  the bf16 or f32 graphs they are): relative L2 <= INT8_REL_L2 for every output, both on the
+  seeded random inputs and on the first and last calibration samples (t = 999 and the smallest t
+  of the calibration render: the real inputs the ranges were taken from). MEASURED_INT8
 """
 from __future__ import annotations
 
@@ -29,23 +33,38 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from aa_trt.backends import openvino as ovb
 from aa_trt.export.onnx_io import ExportError, run_torch
 
 BF16_REL_L2 = 0.15
+INT8_REL_L2 = 0.15         # on calibration inputs
+INT8_RANDOM_REL_L2 = 0.6   # on seeded random inputs
+REL_L2 = {"bf16": BF16_REL_L2, "int8": INT8_RANDOM_REL_L2}
 
 
 def tolerance(precision: str) -> dict:
+    if precision == "int8":
+        return {"metric": "rel_l2", "rel_l2_calibration": INT8_REL_L2, "rel_l2_random": INT8_RANDOM_REL_L2,
+                "calibration_inputs": "the first and last calibration samples",
+                "random_inputs": "seeded random inputs at opt, seed 1",
+                "other_graphs": tolerance(ovb.inference_hint("int8"))}
     if precision == "bf16":
         return {"metric": "rel_l2", "rel_l2": BF16_REL_L2}
     return {"metric": "max_abs", "max_abs": "the graph's tolerance x max(1, max |torch|)"}
 
 
-def compare(spec, graph, precision: str, dims="opt", seed: int = 1) -> dict:
-    """Seeded random inputs (never zeros) through PyTorch and the OpenVINO graph: max abs error,
-    relative L2 (worst output), the reference's scale, and whether the precision's tolerance holds."""
-    inputs = spec.sample_inputs(dims, seed)
+def compare(spec, graph, precision: str, dims="opt", seed: int = 1, inputs: dict | None = None) -> dict:
+    """Seeded random inputs (never zeros), or the given `inputs` (arrays or tensors by name), through
+    PyTorch and the OpenVINO graph: max abs error, relative L2 (worst output), the reference's
+    scale, and whether the precision's tolerance holds (int8: INT8_RANDOM_REL_L2 on random
+    inputs, INT8_REL_L2 on given ones)."""
+    limits = dict(REL_L2, int8=INT8_REL_L2) if inputs is not None else REL_L2
+    if inputs is None:
+        inputs = spec.sample_inputs(dims, seed)
+    else:
+        inputs = {n: torch.as_tensor(x) for n, x in inputs.items()}
     ref = run_torch(spec, inputs)
     got = graph(**inputs)
     err = scale = rel = 0.0
@@ -56,60 +75,99 @@ def compare(spec, graph, precision: str, dims="opt", seed: int = 1) -> dict:
         err = max(err, float(np.abs(g - r).max()))
         scale = max(scale, float(np.abs(r).max()))
         rel = max(rel, float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)))
-    ok = rel <= BF16_REL_L2 if precision == "bf16" else err <= spec.tolerance * max(1.0, scale)
+    ok = rel <= limits[precision] if precision in limits else err <= spec.tolerance * max(1.0, scale)
     return {"max_abs_error": err, "ref_max_abs": scale, "rel_l2": rel, "ok": ok}
 
 
-def _limit(spec, precision: str) -> str:
-    return f"relative L2 {BF16_REL_L2:g}" if precision == "bf16" else f"max abs {spec.tolerance:g} x max(1, max |torch|)"
+def _limit(spec, precision: str, calibration: bool = False) -> str:
+    if precision == "int8" and calibration:
+        return f"relative L2 {INT8_REL_L2:g} on calibration inputs"
+    return f"relative L2 {REL_L2[precision]:g}" if precision in REL_L2 \
+        else f"max abs {spec.tolerance:g} x max(1, max |torch|)"
+
+
+def _on_calibration(spec, graph, samples: list[dict]) -> dict:
+    """`compare` on the first and last calibration samples (t = 999 and the render's smallest t):
+    the worst of the two."""
+    worst = None
+    for sample in dict.fromkeys((0, len(samples) - 1)):
+        r = compare(spec, graph, "int8", inputs=samples[sample])
+        worst = r if worst is None or r["rel_l2"] > worst["rel_l2"] else worst
+    return worst
 
 
 def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, precision: str, why: str,
-                   threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+                   threads: int | None = None, log: Callable[[str], None] = print, calibrator=None) -> dict:
     """The manifest's "openvino" section: every graph of the manifest compiled for `precision`,
     its blob in `out_dir`, checked against torch; blobs still matching (same graph key and files,
-    same OpenVINO, same precision) are reused."""
+    same OpenVINO, same precision; for int8 graphs the same calibration) are reused. int8: the
+    graphs of int8.QUANTIZED are quantized on `calibrator`'s recording (an int8.Calibrator, asked
+    only when one of them is compiled), the others compiled in `ovb.inference_hint("int8")`."""
+    from aa_trt.export import int8
+
     out_dir = Path(out_dir)
     version = ovb.openvino_version()
-    weights = "f16" if precision == "bf16" else "f32"  # see OvGraph.compile
-    keep = ovb.KEEP_F32 if precision == "bf16" else None  # see OvGraph.compile
+    hint = ovb.inference_hint(precision)  # what runs unquantized
+    weights = "f16" if hint == "bf16" else "f32"  # see OvGraph.compile
+    keep = ovb.keep_f32(precision)  # see OvGraph.compile
     same = bool(old) and (old.get("version"), old.get("precision"), old.get("weights"), old.get("keep_f32")) \
         == (version, precision, weights, keep)
     prev_graphs = (old or {}).get("graphs", {}) if same else {}
     part = {"version": version, "precision": precision, "reason": why, "weights": weights, "keep_f32": keep,
             "capabilities": list(ovb.cpu_capabilities()), "tolerance": tolerance(precision), "graphs": {}}
+    if precision == "int8":
+        if calibrator is None:
+            raise ValueError("an int8 build needs a calibrator (aa_trt.export.int8.Calibrator)")
+        old_cal = ((old or {}).get("int8") or {}).get("calibration") or {}
+        part["int8"] = {"isa": ovb.int8_support(), "rest": hint, "nncf": int8.nncf_version(),
+                        "quantized": [g for g in int8.QUANTIZED if g in manifest["graphs"]],
+                        "calibration": old_cal if old_cal.get("key") == calibrator.key else {"key": calibrator.key}}
     for name, entry in manifest["graphs"].items():
         spec = specs[name]
         names = (tuple(spec.input_names), tuple(spec.output_names))
-        blob = out_dir / ovb.blob_name(name, precision)
+        graph_precision = "int8" if precision == "int8" and name in int8.QUANTIZED else hint
+        cal_key = calibrator.key if graph_precision == "int8" else None
+        blob = out_dir / ovb.blob_name(name, graph_precision)
         prev = prev_graphs.get(name)
         if (prev and prev.get("graph_key") == entry["key"] and prev.get("graph_files") == entry["files"]
-                and blob.is_file() and blob.stat().st_size == prev.get("size")):
+                and prev.get("calibration") == cal_key and blob.is_file() and blob.stat().st_size == prev.get("size")):
             part["graphs"][name] = prev
-            log(f"{name}: OpenVINO {precision} blob up to date, reused")
+            log(f"{name}: OpenVINO {graph_precision} blob up to date, reused")
             continue
+        quantize, samples = None, None
+        if graph_precision == "int8":
+            samples = calibrator.get().samples[name]
+            part["int8"]["calibration"] = {"key": calibrator.key, **calibrator.recorded.facts}
+
+            def quantize(model, samples=samples):
+                return int8.quantize(model, samples)
         t = time.perf_counter()
-        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, precision, threads,
-                                       f16_weights=weights == "f16")
+        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, graph_precision, threads,
+                                       f16_weights=weights == "f16", quantize=quantize)
         compile_s = time.perf_counter() - t
         size = compiled.export(blob)
         del compiled
         t = time.perf_counter()
-        graph = ovb.OvGraph.load(blob, names, precision, threads)  # verify what `run` will load
+        graph = ovb.OvGraph.load(blob, names, graph_precision, threads)  # verify what `run` will load
         load_s = time.perf_counter() - t
         t = time.perf_counter()
-        r = compare(spec, graph, precision)
+        r = compare(spec, graph, graph_precision)
+        rc = _on_calibration(spec, graph, samples) if samples else None
         verify_s = time.perf_counter() - t
-        if not r["ok"]:
-            blob.unlink()
-            raise ExportError(f"{name}: OpenVINO {precision} differs from PyTorch (max abs "
-                              f"{r['max_abs_error']:.3g}, relative L2 {r['rel_l2']:.3g}; tolerance "
-                              f"{_limit(spec, precision)})")
+        for what, res in (("random inputs", r), ("calibration inputs", rc)):
+            if res is not None and not res["ok"]:
+                blob.unlink()
+                raise ExportError(f"{name}: OpenVINO {graph_precision} differs from PyTorch on {what} (max "
+                                  f"abs {res['max_abs_error']:.3g}, relative L2 {res['rel_l2']:.3g}; "
+                                  f"tolerance {_limit(spec, graph_precision, res is rc)})")
         part["graphs"][name] = {
-            "file": blob.name, "size": size, "graph_key": entry["key"], "graph_files": entry["files"],
-            "compile_s": round(compile_s, 3), "load_s": round(load_s, 3), "verify_s": round(verify_s, 3),
-            "max_abs_error": r["max_abs_error"], "ref_max_abs": r["ref_max_abs"], "rel_l2": r["rel_l2"],
-            "verified_at": "opt"}
-        log(f"{name}: OpenVINO {precision} compiled in {compile_s:.1f} s, vs torch max abs error "
-            f"{r['max_abs_error']:.2e}, relative L2 {r['rel_l2']:.2e}")
+            "file": blob.name, "size": size, "precision": graph_precision, "graph_key": entry["key"],
+            "graph_files": entry["files"], "compile_s": round(compile_s, 3), "load_s": round(load_s, 3),
+            "verify_s": round(verify_s, 3), "max_abs_error": r["max_abs_error"], "ref_max_abs": r["ref_max_abs"],
+            "rel_l2": r["rel_l2"], "verified_at": "opt"}
+        if rc is not None:
+            part["graphs"][name].update(calibration=cal_key, rel_l2_calibration=rc["rel_l2"])
+        log(f"{name}: OpenVINO {graph_precision} compiled in {compile_s:.1f} s, vs torch max abs error "
+            f"{r['max_abs_error']:.2e}, relative L2 {r['rel_l2']:.2e}"
+            + (f" (calibration inputs: {rc['rel_l2']:.2e})" if rc is not None else ""))
     return part

@@ -4,8 +4,15 @@ modules (see backends/graph_animator.py).
 
 openvino is imported only inside functions (`pip install "aa-trt[openvino]"`). The precision is
 decided in one place, `choose_precision`: bf16 where the CPU lists BF16 among OpenVINO's
-OPTIMIZATION_CAPABILITIES, f32 elsewhere; the build and the run both ask it, and a DIR compiled
-for another precision, another OpenVINO or other graphs is refused with one line.
+OPTIMIZATION_CAPABILITIES, f32 elsewhere; int8 only when asked for (it needs a calibration render,
+aa_trt.export.int8) and only on a CPU with int8 dot-product instructions (`int8_support`). The build
+and the run both ask it, and a DIR compiled for another precision, another OpenVINO or other graphs
+is refused with one line.
+
+An int8 build quantizes some graphs (the denoising UNet's) and compiles the rest as a build of its
+`inference_hint` would (bf16 where the CPU lists BF16, else f32); the nodes an int8 graph leaves
+unquantized run in that precision too. Each graph's manifest entry records the precision it was
+compiled for, and `run` loads it in that one.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ from aa_trt.backends.graph_animator import GRAPHS, GraphAnimator, bind_check
 from aa_trt.errors import AATrtError, InputError, OptionError
 
 INSTALL_HINT = 'pip install "aa-trt[openvino]"'
-PRECISIONS = ("bf16", "f32")
+PRECISIONS = ("bf16", "f32", "int8")
+# The CPU flags of int8 dot-product units, best first (AMX tiles, AVX-512 VNNI, AVX-VNNI).
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 DEVICE = "CPU"
 
 
@@ -48,20 +57,49 @@ def cpu_capabilities() -> tuple[str, ...]:
     return tuple(str(c) for c in ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
+def int8_support() -> str | None:
+    """The CPU's int8 dot-product unit, as its flag (INT8_FLAGS: "amx_int8", "avx512_vnni",
+    "avx_vnni"), where OpenVINO also lists INT8 among its OPTIMIZATION_CAPABILITIES; None
+    elsewhere (OpenVINO runs int8 graphs on any x86 CPU, but without these units an int8 matmul
+    is emulated with 16-bit multiply-adds and is no faster than bf16 or f32)."""
+    from aa_trt.precision import Machine
+
+    if "INT8" not in cpu_capabilities():
+        return None
+    flags = Machine.detect().cpu_flags
+    return next((f for f in INT8_FLAGS if f in flags), None)
+
+
+def inference_hint(precision: str) -> str:
+    """The CPU plugin's INFERENCE_PRECISION_HINT for graphs of a `precision` build: itself for
+    bf16 and f32; for int8 the precision of what is not quantized (bf16 where the CPU lists
+    BF16, else f32)."""
+    if precision != "int8":
+        return precision
+    return "bf16" if "BF16" in cpu_capabilities() else "f32"
+
+
 def choose_precision(precision: str | None = None, built: tuple[str, str] | None = None) -> tuple[str, str]:
     """(precision, why): the precision OpenVINO compiles (build) or runs (run) the graphs in, and a
-    short reason. precision: None or "auto", "bf16" or "f32". Auto at build time: bf16 where the
-    CPU lists BF16 in OPTIMIZATION_CAPABILITIES, else f32. At run time `built` is the build's
-    (precision, why): auto keeps it where this CPU can run it (a bf16 build on a CPU without BF16
-    gets f32, which the build then does not match)."""
+    short reason. precision: None or "auto", "bf16", "f32" or "int8". Auto at build time: bf16
+    where the CPU lists BF16 in OPTIMIZATION_CAPABILITIES, else f32 (never int8: it needs a
+    calibration render). int8 needs a CPU with an int8 dot-product unit (`int8_support`). At run
+    time `built` is the build's (precision, why): auto keeps it where this CPU can run it (a bf16
+    build on a CPU without BF16, or an int8 build on one without int8 units, gets f32 or bf16,
+    which the build then does not match)."""
     if precision not in (None, "auto", *PRECISIONS):
-        raise OptionError("precision", precision, "expected auto, bf16 or f32")
+        raise OptionError("precision", precision, "expected auto, bf16, f32 or int8")
     caps = cpu_capabilities()
     if precision == "bf16" and "BF16" not in caps:
         raise OptionError("precision", precision, f"this CPU does not list BF16 (it lists {', '.join(caps)})")
+    if precision == "int8" and int8_support() is None:
+        raise OptionError("precision", precision, f"this CPU has no int8 dot-product unit (none of "
+                          f"{', '.join(INT8_FLAGS)} among its flags, or OpenVINO does not list INT8: it "
+                          f"lists {', '.join(caps)}); build with --precision bf16 or f32")
     if precision in PRECISIONS:
         return precision, "asked for"
-    if built is not None and (built[0] == "f32" or "BF16" in caps):
+    runs = {"f32": True, "bf16": "BF16" in caps, "int8": int8_support() is not None}
+    if built is not None and runs.get(built[0]):
         return built[0], built[1] if built[1] != "asked for" else f"built for {built[0]}"
     if "BF16" in caps:
         return "bf16", "CPU lists BF16"
@@ -70,8 +108,8 @@ def choose_precision(precision: str | None = None, built: tuple[str, str] | None
 
 def compile_config(precision: str, threads: int | None = None) -> dict:
     """The CPU plugin's settings: the precision stated explicitly (OpenVINO's own default is bf16
-    on BF16 CPUs), one stream, latency-first."""
-    cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    on BF16 CPUs; an int8 graph's unquantized nodes: `inference_hint`), one stream, latency-first."""
+    cfg = {"INFERENCE_PRECISION_HINT": inference_hint(precision), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     return cfg
@@ -89,9 +127,15 @@ def blob_name(graph: str, precision: str) -> str:
 KEEP_F32 = "timestep/2"
 
 
-def timestep_nodes(model) -> set[str]:
+def keep_f32(precision: str) -> str | None:
+    """The KEEP_F32 rule a `precision` build is compiled under (None: nothing runs in bf16)."""
+    return KEEP_F32 if inference_hint(precision) == "bf16" else None
+
+
+def timestep_nodes(model, inputs: tuple[str, ...] = ("timestep",)) -> set[str]:
     """Friendly names of the nodes computed from the `timestep` input alone (with constants and
-    shapes): the sinusoidal embedding and the time MLP.
+    shapes): the sinusoidal embedding and the time MLP. (`inputs`: other inputs counted with it;
+    an int8 build leaves the nodes of timestep and context unquantized, aa_trt.export.int8.)
 
     Why they must stay f32: the CPU plugin runs every node of a bf16 compile in bf16 except the
     graph's tail, and bf16 holds 8 significant bits, so t = 999 is rounded to a multiple of 4 and
@@ -113,7 +157,7 @@ def timestep_nodes(model) -> set[str]:
     for n in model.get_ordered_ops():
         name, kind = n.get_friendly_name(), n.get_type_name()
         if kind == "Parameter":
-            dep[name] = "timestep" in n.output(0).get_names()
+            dep[name] = bool(set(inputs) & set(n.output(0).get_names()))
             continue
         if kind in ("Constant", "ShapeOf"):
             dep[name] = None
@@ -186,15 +230,18 @@ class OvGraph:
 
     @classmethod
     def compile(cls, onnx_path, names, precision: str, threads: int | None = None,
-                f16_weights: bool = False) -> "OvGraph":
+                f16_weights: bool = False, quantize=None) -> "OvGraph":
         """Compile an ONNX graph. f16_weights: store the weights in f16 (what `ov.save_model`'s
         compress_to_fp16 does; values beyond f16's range stay f32), which halves the compiled
         blob; for bf16 compute this costs nothing measurable (half-width sd15 UNet step: relative
-        L2 to torch 1.02% either way, same time a call)."""
+        L2 to torch 1.02% either way, same time a call). quantize: for an int8 graph, a function
+        of the read model returning it quantized (aa_trt.export.int8.quantize)."""
         ov = import_openvino()
         core = ov.Core()
         model = core.read_model(str(onnx_path))
-        if precision == "bf16":  # KEEP_F32
+        if quantize is not None:
+            model = quantize(model)
+        if inference_hint(precision) == "bf16":  # KEEP_F32
             model = keep_timestep_f32(core, model)
         if f16_weights:
             from openvino._offline_transformations import compress_model_transformation
@@ -243,7 +290,10 @@ def check_build(engine_dir, manifest: dict, precision: str, why: str) -> dict:
     if ov_part.get("precision") != precision:
         raise InputError(f"{engine_dir}: compiled for {ov_part.get('precision')}, this run wants "
                          f"{precision} ({why}); {rebuild}")
-    keep = KEEP_F32 if precision == "bf16" else None
+    keep = keep_f32(precision)
+    if precision == "int8" and (ov_part.get("int8") or {}).get("rest") != inference_hint(precision):
+        raise InputError(f"{engine_dir}: its int8 graphs run their other nodes in "
+                         f"{(ov_part.get('int8') or {}).get('rest')}, this CPU in {inference_hint(precision)}; {rebuild}")
     if ov_part.get("keep_f32") != keep:
         raise InputError(f"{engine_dir}: compiled by an older aa-trt (its bf16 graphs compute the "
                          f"timestep embedding in bf16); {rebuild}")
@@ -268,7 +318,7 @@ class OvAnimator(GraphAnimator):
     def from_dir(cls, engine_dir, checkpoint=None, precision: str | None = None,
                  threads: int | None = None, reason: str | None = None) -> "OvAnimator":
         """As OrtAnimator.from_dir, on the DIR's compiled OpenVINO graphs. precision: None/"auto"
-        (the build's, where this CPU runs it: choose_precision), "bf16" or "f32"; a DIR compiled
+        (the build's, where this CPU runs it: choose_precision), "bf16", "f32" or "int8"; a DIR compiled
         for another precision, by another OpenVINO, or from other graphs is refused (InputError,
         one line). reason: why this backend was chosen, put before the precision's reason."""
         from aa_trt.backends import manifest as mf
@@ -285,8 +335,9 @@ class OvAnimator(GraphAnimator):
         precision, why = choose_precision(precision, built)
         part = check_build(engine_dir, m, precision, why)
         threads = threads or torch.get_num_threads()
+        # An int8 build's graphs were each compiled for their own precision (int8 or the rest's).
         graphs = {g: OvGraph.load(Path(engine_dir) / part["graphs"][g]["file"], declared_names(g, n_kv),
-                                  precision, threads) for g in GRAPHS}
+                                  part["graphs"][g].get("precision", precision), threads) for g in GRAPHS}
         anim = cls(engine_dir, m, graphs, "cpu")
         anim.backend_name = f"openvino {precision}"
         anim.backend_reason = f"{reason}; {why}" if reason else why

@@ -33,8 +33,21 @@ def add_parser(sub) -> None:
     b.add_argument("--backend", choices=("auto", "openvino", "onnxruntime", "tensorrt"), default=None,
                    help="what to compile the graphs for: auto (default: TensorRT on CUDA where importable, "
                    "OpenVINO on CPU where installed, else the ONNX graphs for onnxruntime alone)")
-    b.add_argument("--precision", choices=("auto", "bf16", "f32"), default=None,
-                   help="OpenVINO precision (default auto: bf16 where the CPU lists BF16, else f32)")
+    b.add_argument("--precision", choices=("auto", "bf16", "f32", "int8"), default=None,
+                   help="OpenVINO precision (default auto: bf16 where the CPU lists BF16, else f32; int8: "
+                   "the denoising UNet quantized with NNCF, calibrated on a render, on CPUs with AMX-INT8 "
+                   "or VNNI, the rest as auto)")
+    b.add_argument("--calibration-ref", default=None, metavar="IMAGE",
+                   help="with --precision int8: the reference image the calibration render uses "
+                   "(default: the bundled examples/ref.png)")
+    b.add_argument("--calibration-video", default=None, metavar="VIDEO",
+                   help="with --precision int8: the driving video the calibration render uses, its poses "
+                   "extracted as `run` does (default: the bundled examples/dance.mp4)")
+    b.add_argument("--calibration-pose-video", action="store_true",
+                   help="the calibration video already is a pose rendering (as run's --pose-video)")
+    b.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                   help="with --precision int8: DDIM steps of the calibration render, one sample per step "
+                   "and UNet graph (default 8)")
     b.add_argument("--tensorrt", choices=("auto", "on", "off"), default=None,
                    help="older spelling: on = --backend tensorrt, off = --backend onnxruntime, "
                    "auto = TensorRT where available, else onnxruntime")
@@ -59,9 +72,10 @@ def handle(args) -> int:
                              frames=args.frames, windows=args.window_batch)
         graphs = tuple(args.graphs.split(",")) if args.graphs else GRAPHS
         m = build(args.ckpt, args.output, shapes, opset=args.opset, fp16=args.fp16, graphs=graphs,
-                  tensorrt=args.tensorrt, backend=args.backend, precision=args.precision)
+                  tensorrt=args.tensorrt, backend=args.backend, precision=args.precision,
+                  calibration=calibration_source(args))
     except OptionError as e:
-        raise InputError(e.as_flag()) from None
+        raise InputError(e.as_flag(CALIBRATION_FLAGS)) from None
     except ValueError as e:  # shapes, graph names, frames beyond the motion modules' table
         raise InputError(str(e)) from None
     except BaseException:
@@ -71,10 +85,32 @@ def handle(args) -> int:
     extra = ""
     if m.get("openvino"):
         extra = f", OpenVINO {m['openvino']['precision']} ({m['openvino']['reason']})"
+        q = m["openvino"].get("int8")
+        if q:
+            extra += (f" on {q['isa']}: {', '.join(q['quantized'])} in int8 (calibrated on "
+                      f"{q['calibration'].get('samples', {}).get('unet_cond', '?')} samples), the rest {q['rest']}")
     elif m.get("engines"):
         extra = f", TensorRT engines ({m['precision']['engines']})"
     print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs{extra}) in {m['build_s']:.1f} s")
     return 0
+
+
+# The CLI's names of build()'s calibration parameters (OptionError.as_flag).
+CALIBRATION_FLAGS = {"calibration": "--calibration-ref/--calibration-video/--calibration-steps",
+                     "calibration_steps": "--calibration-steps", "calibration_ref": "--calibration-ref",
+                     "calibration_video": "--calibration-video"}
+
+
+def calibration_source(args):
+    """The int8 calibration the flags ask for; None when no calibration flag is given."""
+    given = (args.calibration_ref, args.calibration_video, args.calibration_steps, args.calibration_pose_video)
+    if given == (None, None, None, False):
+        return None
+    from aa_trt.export.int8 import DEFAULT_STEPS, CalibrationSource
+
+    steps = DEFAULT_STEPS if args.calibration_steps is None else args.calibration_steps
+    return CalibrationSource(args.calibration_ref, args.calibration_video, steps,
+                             pose_video=args.calibration_pose_video)
 
 
 def check_build_output(args) -> None:
