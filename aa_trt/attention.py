@@ -204,6 +204,12 @@ def _is_short(q: torch.Tensor, k: torch.Tensor) -> bool:
 CHUNK_SCORE_BYTES = 16 << 20
 
 
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """x.softmax(-1) written over x (the same kernel and values): a fresh scores buffer that
+    nothing else reads needs no second one, and the pass writes into memory already in cache."""
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
+
+
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                       score_bytes: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
     """`sdpa_attention` as batched GEMMs and a softmax, over groups of (row, head) matrices (or of
@@ -231,30 +237,85 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     for h0, h1, s0, s1 in spans:
         scores = torch.empty(h1 - h0, s1 - s0, m, dtype=q.dtype, device=q.device)
         torch.baddbmm(scores, qh[h0:h1, s0:s1], kt[h0:h1], beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
-        torch.bmm(scores.softmax(-1), vh[h0:h1], out=out[h0:h1, s0:s1])
+        torch.bmm(softmax_(scores), vh[h0:h1], out=out[h0:h1, s0:s1])
     return merge_heads(out.view(b, heads, n, d))
 
 
-def _attention_candidates(q, k, heads):
-    """Random work of q's and k's shape (two rows at most: time grows with rows alike)."""
+def strided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None,
+                      score_bytes: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
+    """`sdpa_attention` as two plain GEMMs and an in-place softmax per (row, head, chunk of
+    queries), each GEMM reading its operands where they lie: q, k and v may be column slices of
+    one packed projection (any row stride, unit column stride), a head is a column slice of
+    those, and the second GEMM writes the head's columns of the token-major output. Nothing is
+    copied: no head-major layout in, none back (batched GEMMs would clone such operands).
+    k_ref, v_ref (1, m2, c): keys and values shared by every row, read as if concatenated after
+    each row's own (reference attention without the concatenation).
+    q (b, n, c), k/v (b, m, c) -> (b, n, c) = softmax(q [k; k_ref]^T / sqrt(d)) [v; v_ref]."""
+    b, n, c = q.shape
+    m, d = k.shape[1], c // heads
+    m2 = 0 if k_ref is None else k_ref.shape[1]
+    out = torch.empty(b, n, c, dtype=q.dtype, device=q.device)
+    rows = max(1, min(n, score_bytes // ((m + m2) * q.element_size())))
+    buffer = torch.empty(rows, m + m2, dtype=q.dtype, device=q.device)
+    scale = d ** -0.5
+    for i in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            kh, vh = k[i, :, cols], v[i, :, cols]
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                qh, scores, o = q[i, s:e, cols], buffer[:e - s], out[i, s:e, cols]
+                own = scores[:, :m]
+                torch.addmm(own, qh, kh.t(), beta=0.0, alpha=scale, out=own)  # q k^T / sqrt(d)
+                if m2:
+                    shared = scores[:, m:]
+                    torch.addmm(shared, qh, k_ref[0, :, cols].t(), beta=0.0, alpha=scale, out=shared)
+                softmax_(scores)
+                torch.mm(own, vh, out=o)
+                if m2:
+                    o.addmm_(scores[:, m:], v_ref[0, :, cols])
+    return out
+
+
+def _attention_candidates(q, m, heads):
+    """Random work of q's shape with m keys (two rows at most: time grows with rows alike)."""
     g = torch.Generator().manual_seed(0)
     rows = min(q.shape[0], 2)
     qq = torch.randn((rows,) + tuple(q.shape[1:]), generator=g).to(q.dtype)
-    kk = torch.randn((rows,) + tuple(k.shape[1:]), generator=g).to(k.dtype)
-    vv = torch.randn((rows,) + tuple(k.shape[1:]), generator=g).to(k.dtype)
+    kk = torch.randn((rows, m, q.shape[2]), generator=g).to(q.dtype)
+    vv = torch.randn((rows, m, q.shape[2]), generator=g).to(q.dtype)
     return {"sdpa": lambda: sdpa_attention(qq, kk, vv, heads),
-            "gemm": lambda: chunked_attention(qq, kk, vv, heads)}
+            "gemm": lambda: chunked_attention(qq, kk, vv, heads),
+            "strided": lambda: strided_attention(qq, kk, vv, heads)}
 
 
-def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Attention on the CPU by whichever of SDPA's flash kernel and `chunked_attention` measured
-    faster on this machine for this shape (aa_trt.autotune, once per machine)."""
+CPU_CHOICES = ("sdpa", "gemm", "strided")
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                  k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention on the CPU by whichever of SDPA's flash kernel, `chunked_attention` and
+    `strided_attention` measured fastest on this machine for this shape (aa_trt.autotune, once
+    per machine). k_ref/v_ref (1, m2, c): keys shared by every row after its own (reference
+    attention); only the flash and chunked paths concatenate them."""
     from aa_trt import autotune
 
-    n, m, d = q.shape[1], k.shape[1], q.shape[2] // heads
-    key = f"attention:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
-    choice = autotune.choose(key, ("sdpa", "gemm"), lambda: _attention_candidates(q, k, heads))
+    n, d = q.shape[1], q.shape[2] // heads
+    m = k.shape[1] + (0 if k_ref is None else k_ref.shape[1])
+    key = f"attention:v2:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+    choice = autotune.choose(key, CPU_CHOICES, lambda: _attention_candidates(q, m, heads))
+    if choice == "strided":
+        return strided_attention(q, k, v, heads, k_ref, v_ref)
+    if k_ref is not None:
+        k, v = _concat_reference(k, v, k_ref, v_ref)
     return chunked_attention(q, k, v, heads) if choice == "gemm" else sdpa_attention(q, k, v, heads)
+
+
+def _concat_reference(k, v, k_ref, v_ref):
+    b = k.shape[0]
+    return (torch.cat([k, k_ref.to(k.dtype).expand(b, -1, -1)], dim=1),
+            torch.cat([v, v_ref.to(v.dtype).expand(b, -1, -1)], dim=1))
 
 
 def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -312,9 +373,12 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             else attention(q[s], k[s], v[s], heads))
                 start = i
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    b = q.shape[0]
-    k_all = torch.cat([k, k_ref.to(k.dtype).expand(b, -1, -1)], dim=1)
-    v_all = torch.cat([v, v_ref.to(v.dtype).expand(b, -1, -1)], dim=1)
+    m = k.shape[1] + k_ref.shape[1]
+    if (_backend == "auto" and fused.active(q)
+            and not (q.shape[1] <= SHORT_SEQUENCE and m <= SHORT_SEQUENCE)):
+        # The CPU: the measured choice, which may read the reference K/V without concatenating
+        return cpu_attention(q, k, v, heads, k_ref.to(k.dtype), v_ref.to(v.dtype))
+    k_all, v_all = _concat_reference(k, v, k_ref, v_ref)
     return attention(q, k_all, v_all, heads)
 
 

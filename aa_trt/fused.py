@@ -119,6 +119,24 @@ def layer(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None =
     return linear_add(x, lin.weight, lin.bias, residual)
 
 
+def stacked(owner: torch.nn.Module, linears: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases, when every layer has one) of `linears`, which read the same input,
+    stacked along the output axis: one GEMM computes all their outputs side by side (q, k and v
+    from one pass over the tokens). Cached on `owner` until a weight changes (its storage or version)."""
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = owner.__dict__.get("_stacked_cache")
+    if cached is None or cached[0] != key:
+        w = torch.cat([lin.weight for lin in linears]).contiguous()
+        biases = [lin.bias for lin in linears]
+        b = torch.cat(biases) if all(bb is not None for bb in biases) else None
+        if b is None and any(bb is not None for bb in biases):
+            raise ValueError("stacked: some of the layers have a bias and some do not")
+        cached = (key, (w, b))
+        owner.__dict__["_stacked_cache"] = cached
+    return cached[1]
+
+
 def linear_mul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          other: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias) * other

@@ -171,14 +171,61 @@ def test_chunked_attention_matches_sdpa_and_float64(dtype, tol):
     assert _rel(attn_math.chunked_attention(qd, kd, vd, 4), exact) < tol
 
 
-@pytest.mark.parametrize("choice", ["sdpa", "gemm"])
+@pytest.mark.parametrize("choice", ["sdpa", "gemm", "strided"])
 def test_cpu_attention_runs_what_was_chosen(choice):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, n, 32, generator=g) for n in (40, 60, 60))
     with autotune.override({"attention:": choice}), torch.no_grad():
         got = attn_math.attention(q, k, v, 2)
-    want = attn_math.chunked_attention(q, k, v, 2) if choice == "gemm" else attn_math.sdpa_attention(q, k, v, 2)
+    want = {"gemm": attn_math.chunked_attention, "sdpa": attn_math.sdpa_attention,
+            "strided": attn_math.strided_attention}[choice](q, k, v, 2)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_strided_attention_reads_packed_views_and_shared_keys(dtype, tol):
+    """q, k, v as column slices of one packed projection and the reference K/V read in place:
+    the same result as SDPA over the concatenated keys (float64 truth), with no copy at all."""
+    from torch.profiler import profile
+
+    g = torch.Generator().manual_seed(8)
+    qkv = torch.randn(3, 50, 3 * 64, generator=g).to(dtype)
+    q, k, v = qkv.split(64, dim=-1)
+    k_ref, v_ref = (torch.randn(1, 30, 64, generator=g).to(dtype) for _ in range(2))
+    k_all = torch.cat([k, k_ref.expand(3, -1, -1)], dim=1).double()
+    v_all = torch.cat([v, v_ref.expand(3, -1, -1)], dim=1).double()
+    exact = attn_math.sdpa_attention(q.double(), k_all, v_all, 4)
+    item = q.element_size()
+    for budget in (attn_math.CHUNK_SCORE_BYTES, 7 * 80 * item):  # whole heads; 7 queries a chunk
+        with profile() as prof:
+            got = attn_math.strided_attention(q, k, v, 4, k_ref, v_ref, score_bytes=budget)
+        assert _rel(got, exact) < tol, budget
+        assert not {"aten::copy_", "aten::clone", "aten::cat"} & {e.name for e in prof.events()}
+    assert _rel(attn_math.strided_attention(q, k, v, 4), attn_math.sdpa_attention(
+        q.double(), k.double(), v.double(), 4)) < tol
+
+
+def test_softmax_in_place_is_softmax():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 33, generator=torch.Generator().manual_seed(9)).to(dtype)
+        assert torch.equal(attn_math.softmax_(x.clone()), x.softmax(-1))
+
+
+@pytest.mark.parametrize("choice", ["sdpa", "gemm", "strided"])
+@torch.no_grad()
+def test_reference_attention_on_the_cpu_matches_the_concatenation(choice):
+    """Each measured choice of the CPU's reference attention (cond rows read the reference K/V,
+    uncond rows do not) against the plain SDPA over concatenated keys."""
+    g = torch.Generator().manual_seed(10)
+    qkv = torch.randn(4, 40, 3 * 32, generator=g)
+    q, k, v = qkv.split(32, dim=-1)
+    k_ref, v_ref = (torch.randn(1, 24, 32, generator=g) for _ in range(2))
+    flags = (False, False, True, True)
+    with autotune.override({"attention:": choice}):
+        got = attn_math.reference_attention(q, k, v, k_ref, v_ref, 2, flags)
+    with fused.plain():
+        want = attn_math.reference_attention(q, k, v, k_ref, v_ref, 2, flags)
+    assert _rel(got, want) < 1e-5
 
 
 # ---------------------------------------------------------------------------- whole networks
@@ -312,3 +359,28 @@ def test_the_unet_times_its_first_call_in_both_layouts_and_keeps_the_winner():
         assert len(keys) == 1 and autotune.chosen()[keys[0]] in ("nchw", "nhwc")
         second = call()
     assert _rel(first, want) < 2e-5 and _rel(second, want) < 2e-5
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_clip_fast_paths_match_the_plain_computation(act, dtype):
+    """CLIP's image tower with q, k, v from one GEMM and the biases in the GEMMs' epilogues:
+    in bf16 bit-equal to fused.plain() (and so to transformers', whose oracle test holds it),
+    with no addmm left (each copied its bias first); fp32 keeps the plain tower."""
+    from torch.profiler import profile
+
+    from aa_trt.models.clip import CLIPConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                     image_size=64, patch_size=16, hidden_act=act)
+    model = randomize_(CLIPVisionModelWithProjection(cfg), seed=11).eval().to(dtype)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12)).to(dtype)
+    with fused.plain():
+        plain = model(x).image_embeds
+    with profile() as prof:
+        got = model(x).image_embeds
+    assert torch.equal(got, plain)
+    ops = {e.name for e in prof.events()}
+    if dtype == torch.bfloat16:
+        assert "aten::addmm" not in ops and "mkldnn::_linear_pointwise" in ops

@@ -257,7 +257,13 @@ class TransformerBlock(nn.Module):
                        residual: torch.Tensor | None = None) -> torch.Tensor:
         # x (n, L, c) = norm1 output of n frames; the result plus `residual` when given.
         a = self.attn1
-        q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
+        if fused.active(x):
+            # The CPU: q, k and v from one GEMM; they are column slices of its output, which
+            # SDPA and `strided_attention` read in place (views, no copies)
+            w, _ = fused.stacked(a, (a.to_q, a.to_k, a.to_v))
+            q, k, v = fused.linear(x, w, None).split(a.to_q.out_features, dim=-1)
+        else:
+            q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
         if ref is None or ref.kv is None:
             return a.project_out(attn_math.attention(q, k, v, a.heads), residual)
         k_ref, v_ref = ref.kv[self.index]
