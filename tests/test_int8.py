@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -162,10 +163,16 @@ def test_cli_refuses_cpu_without_int8(ckpt, tmp_path, capsys, monkeypatch):
     assert main([*common, "--precision", "f32", "--calibration-steps", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.endswith("given: applies to --precision int8 only"), err
-    if INT8_HERE is not None:
-        assert main([*common, "--precision", "int8", "--calibration-ref", str(tmp_path / "nope.png")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert "\n" not in err and err.endswith(f"--calibration-ref {tmp_path / 'nope.png'}: no such file"), err
+    # With an int8 unit (faked, so that this holds on any CPU): a missing calibration file, and a
+    # missing nncf, are one line each before any export.
+    monkeypatch.setattr(ovb, "int8_support", lambda: "avx512_vnni")
+    assert main([*common, "--precision", "int8", "--calibration-ref", str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(f"--calibration-ref {tmp_path / 'nope.png'}: no such file"), err
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` raises ImportError
+    assert main([*common, "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install nncf" in err and not out.exists(), err
 
 
 def test_int8_precision_choice(monkeypatch):
