@@ -161,9 +161,9 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     GEMM with the three weights stacked), attention among the n entries of each (b, p), optional
     per-entry biases (3, heads, n, d) added on the way (the positional encoding folded through
     the projections). With p, the motion modules' frames attend to each other in the
-    channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
-    One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
-    would each be cloned by matmul), one lays the result back; the scale rides on the first GEMM.
+    channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c). One copy lays q, k and v out head-major for
+    the batched GEMMs (three separate head splits would each be cloned by matmul); the second
+    GEMM writes the result token-major in place; the scale rides on the first GEMM.
     -> (b, n, [p,] c)."""
     squeeze = qkv.dim() == 3
     if squeeze:
@@ -180,8 +180,10 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     q, k, v = packed.view(3, b * p * heads, n, d).unbind(0)
     scores = torch.empty((b * p * heads, n, n), dtype=qkv.dtype, device=qkv.device)
     torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=d ** -0.5, out=scores)
-    out = torch.bmm(scores.softmax(-1), v)  # (b*p*h, n, d)
-    out = out.view(b, p, heads, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, p, c)
+    probs, v = softmax_(scores).view(b, p * heads, n, n), v.view(b, p * heads, n, d)
+    out = torch.empty((b, n, p, c), dtype=qkv.dtype, device=qkv.device)
+    for i in range(b):  # the second GEMM writes each (position, head) block token-major: no copy back
+        torch.bmm(probs[i], v[i], out=out[i].view(n, p * heads, d).transpose(0, 1))
     return out.squeeze(2) if squeeze else out
 
 
@@ -210,35 +212,78 @@ def softmax_(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(x, -1, False, out=x)
 
 
+def _packed_source(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor | None:
+    """parts (each (b, m, c)) as one head-major view (len(parts), b, heads, m, d) when they are
+    consecutive column slices of one packed projection (q, k, v of one GEMM): one copy then lays
+    them all out. None otherwise."""
+    first = parts[0]
+    b, m, c = first.shape
+    step = c * first.element_size()
+    for i, t in enumerate(parts):
+        if (t.shape != first.shape or t.stride() != first.stride() or t.stride(-1) != 1
+                or t.data_ptr() != first.data_ptr() + i * step):
+            return None
+    s0, s1 = first.stride(0), first.stride(1)
+    return first.as_strided((len(parts), b, heads, m, c // heads), (c, s0, c // heads, s1, 1))
+
+
+def _head_major(parts: Sequence[torch.Tensor], heads: int, extra: int = 0) -> torch.Tensor:
+    """parts (each (b, m, c)) laid out head-major, (len(parts), b*heads, m + extra, d), by one copy
+    where they are slices of one packed projection; `extra` rows per head left for shared keys."""
+    b, m, c = parts[0].shape
+    d = c // heads
+    out = torch.empty((len(parts), b, heads, m + extra, d), dtype=parts[0].dtype, device=parts[0].device)
+    src = _packed_source(parts, heads)
+    if src is not None:
+        out[:, :, :, :m].copy_(src)
+    else:
+        for i, t in enumerate(parts):
+            out[i, :, :, :m].copy_(split_heads(t, heads))
+    return out.view(len(parts), b * heads, m + extra, d)
+
+
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None,
                       score_bytes: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
-    """`sdpa_attention` as batched GEMMs and a softmax, over groups of (row, head) matrices (or of
-    queries, when one head's scores exceed `score_bytes`): the two GEMMs run at the machine's
-    matmul rate, where the CPU flash kernel's blocking does not at head dims of 40 and more on
-    some CPUs (chosen per shape by measuring, `cpu_attention`). The second GEMM writes each group
-    in place, so the result is laid back token-major by one copy. The scores are rounded to the
-    inputs' dtype before the softmax (bf16: ~4x flash's error on the output).
-    q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
+    """`sdpa_attention` as batched GEMMs and an in-place softmax, over groups of one row's heads
+    (or of queries, when one head's scores exceed `score_bytes`): the two GEMMs run at the
+    machine's matmul rate, where the CPU flash kernel's blocking does not at head dims of 40 and
+    more on some CPUs (chosen per shape by measuring, `cpu_attention`). q, k and v are laid out
+    head-major by one copy when they are column slices of one packed projection (three
+    otherwise); the second GEMM writes each group's heads into the token-major output in place
+    (no copy back). k_ref, v_ref (1, m2, c): keys and values shared by every row, after its own
+    (reference attention), copied once into the key buffer instead of concatenated per row.
+    The scores are rounded to the inputs' dtype before the softmax (bf16: ~4x flash's error on
+    the output).  q (b, n, c), k/v (b, m, c) -> (b, n, c)."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
-    bh = b * heads
-    qh = split_heads(q, heads).reshape(bh, n, d)
-    kt = split_heads(k, heads).reshape(bh, m, d).transpose(1, 2)  # (bh, d, m): a transposed GEMM operand
-    vh = split_heads(v, heads).reshape(bh, m, d)
-    out = torch.empty(bh, n, d, dtype=q.dtype, device=q.device)
+    m2 = 0 if k_ref is None else k_ref.shape[1]
+    if m2 == 0 and m == n:
+        qh, kh, vh = _head_major((q, k, v), heads).unbind(0)
+    else:
+        qh = _head_major((q,), heads)[0]
+        kh, vh = _head_major((k, v), heads, extra=m2).unbind(0)
+        for buf, shared in ((kh, k_ref), (vh, v_ref)) if m2 else ():
+            buf.view(b, heads, m + m2, d)[:, :, m:].copy_(split_heads(shared, heads).expand(b, -1, -1, -1))
+    kt = kh.transpose(1, 2)  # (bh, d, m): a transposed GEMM operand
+    out = torch.empty(b, n, c, dtype=q.dtype, device=q.device)
+    heads_out = out.view(b, n, heads, d)
     scale = d ** -0.5
-    per_head = n * m * q.element_size()
-    group = score_bytes // per_head
-    if group >= 1:  # whole heads at a time
-        spans = [(s, min(bh, s + group), 0, n) for s in range(0, bh, group)]
+    keys = m + m2
+    per_head = n * keys * q.element_size()
+    group = min(heads, score_bytes // per_head)
+    if group >= 1:  # whole heads of one row at a time
+        spans = [(i, h, min(heads, h + group), 0, n) for i in range(b) for h in range(0, heads, group)]
     else:  # one head at a time, its queries in chunks
-        rows = max(1, score_bytes // (m * q.element_size()))
-        spans = [(i, i + 1, s, min(n, s + rows)) for i in range(bh) for s in range(0, n, rows)]
-    for h0, h1, s0, s1 in spans:
-        scores = torch.empty(h1 - h0, s1 - s0, m, dtype=q.dtype, device=q.device)
-        torch.baddbmm(scores, qh[h0:h1, s0:s1], kt[h0:h1], beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
-        torch.bmm(softmax_(scores), vh[h0:h1], out=out[h0:h1, s0:s1])
-    return merge_heads(out.view(b, heads, n, d))
+        rows = max(1, score_bytes // (keys * q.element_size()))
+        spans = [(i, h, h + 1, s, min(n, s + rows)) for i in range(b) for h in range(heads)
+                 for s in range(0, n, rows)]
+    for i, h0, h1, s0, s1 in spans:
+        g0, g1 = i * heads + h0, i * heads + h1
+        scores = torch.empty(h1 - h0, s1 - s0, keys, dtype=q.dtype, device=q.device)
+        torch.baddbmm(scores, qh[g0:g1, s0:s1], kt[g0:g1], beta=0.0, alpha=scale, out=scores)  # q k^T / sqrt(d)
+        torch.bmm(softmax_(scores), vh[g0:g1], out=heads_out[i, s0:s1, h0:h1].transpose(0, 1))
+    return out
 
 
 def strided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -307,9 +352,11 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     choice = autotune.choose(key, CPU_CHOICES, lambda: _attention_candidates(q, m, heads))
     if choice == "strided":
         return strided_attention(q, k, v, heads, k_ref, v_ref)
+    if choice == "gemm":
+        return chunked_attention(q, k, v, heads, k_ref=k_ref, v_ref=v_ref)
     if k_ref is not None:
         k, v = _concat_reference(k, v, k_ref, v_ref)
-    return chunked_attention(q, k, v, heads) if choice == "gemm" else sdpa_attention(q, k, v, heads)
+    return sdpa_attention(q, k, v, heads)
 
 
 def _concat_reference(k, v, k_ref, v_ref):

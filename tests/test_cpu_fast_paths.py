@@ -182,10 +182,14 @@ def test_cpu_attention_runs_what_was_chosen(choice):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("fn", ["strided", "chunked"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_strided_attention_reads_packed_views_and_shared_keys(dtype, tol):
-    """q, k, v as column slices of one packed projection and the reference K/V read in place:
-    the same result as SDPA over the concatenated keys (float64 truth), with no copy at all."""
+def test_gemm_attention_reads_packed_views_and_shared_keys(fn, dtype, tol):
+    """q, k, v as column slices of one packed projection, and the reference K/V shared by every
+    row: the same result as SDPA over the concatenated keys (float64 truth). `strided_attention`
+    copies nothing; `chunked_attention` lays q, k, v out head-major by one copy (self-attention)
+    or q, the rows' own k and v, and the shared K/V by one each (no concatenation), and writes
+    the output token-major in place."""
     from torch.profiler import profile
 
     g = torch.Generator().manual_seed(8)
@@ -195,14 +199,22 @@ def test_strided_attention_reads_packed_views_and_shared_keys(dtype, tol):
     k_all = torch.cat([k, k_ref.expand(3, -1, -1)], dim=1).double()
     v_all = torch.cat([v, v_ref.expand(3, -1, -1)], dim=1).double()
     exact = attn_math.sdpa_attention(q.double(), k_all, v_all, 4)
+    exact_self = attn_math.sdpa_attention(q.double(), k.double(), v.double(), 4)
+    run = attn_math.strided_attention if fn == "strided" else attn_math.chunked_attention
     item = q.element_size()
-    for budget in (attn_math.CHUNK_SCORE_BYTES, 7 * 80 * item):  # whole heads; 7 queries a chunk
+    # budgets: whole heads; 3 heads' scores a group; 7 queries of one head a chunk
+    for budget in (attn_math.CHUNK_SCORE_BYTES, 3 * 50 * 80 * item, 7 * 80 * item):
         with profile() as prof:
-            got = attn_math.strided_attention(q, k, v, 4, k_ref, v_ref, score_bytes=budget)
+            got = run(q, k, v, 4, k_ref=k_ref, v_ref=v_ref, score_bytes=budget)
         assert _rel(got, exact) < tol, budget
-        assert not {"aten::copy_", "aten::clone", "aten::cat"} & {e.name for e in prof.events()}
-    assert _rel(attn_math.strided_attention(q, k, v, 4), attn_math.sdpa_attention(
-        q.double(), k.double(), v.double(), 4)) < tol
+        ops = [e.name for e in prof.events()]
+        assert ops.count("aten::copy_") == (0 if fn == "strided" else 4) and "aten::cat" not in ops
+        with profile() as prof:
+            got = run(q, k, v, 4, score_bytes=budget)
+        assert _rel(got, exact_self) < tol, budget
+        assert [e.name for e in prof.events()].count("aten::copy_") == (0 if fn == "strided" else 1)
+        contiguous = run(q.contiguous(), k.contiguous(), v.contiguous(), 4, score_bytes=budget)
+        assert torch.equal(got, contiguous)
 
 
 def test_softmax_in_place_is_softmax():
