@@ -9,8 +9,8 @@ build of the same checkpoint, at SD1.5's structure (half widths, benchmarks/op_p
 
 The int8 build calibrates on the bundled example (examples/ref.png + dance.mp4) rendered at the
 build's size for 4 DDIM steps (the workload's own), seed 0: 4 samples per UNet graph; the PSNR's
-inputs are other ones. Builds (~10 min on 2 cores: export, checks, calibration render, NNCF)
-happen outside the timed rounds. The results file records the CPU's model and flags
+inputs are other ones. Builds (~25 min on 2 busy cores: export, checks, calibration render, NNCF
+on two UNet graphs; ~14 GB of memory at the peak) happen outside the timed rounds. The results file records the CPU's model and flags
 (machine.describe); the int8 unit found is in the details.
 """
 import time

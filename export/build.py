@@ -213,7 +213,7 @@ def build(checkpoint, out_dir, shapes: BuildShapes = BuildShapes(), opset: int =
         if ov_precision == "int8":
             from aa_trt.export import int8
 
-            calibrator = int8.Calibrator(checkpoint, shapes, specs, calibration, log)
+            calibrator = int8.Calibrator(models, shapes, specs, calibration, log)
         manifest["openvino"] = ov_build.compile_graphs(
             out_dir, specs, manifest, old.get("openvino"), ov_precision, ov_why,
             threads=torch.get_num_threads(), log=log, calibrator=calibrator)

@@ -24,7 +24,13 @@ Tolerances, per precision, on seeded random inputs at the "opt" profile point:
 - int8 (the graphs of aa_trt.export.int8.QUANTIZED; an int8 build's other graphs are checked as
   the bf16 or f32 graphs they are): relative L2 <= INT8_REL_L2 for every output, both on the
   seeded random inputs and on the first and last calibration samples (t = 999 and the smallest t
-  of the calibration render: the real inputs the ranges were taken from). MEASURED_INT8
+  of the calibration render: the real inputs the ranges were taken from); INT8_RANDOM_REL_L2 on
+  the seeded random inputs, which fall partly outside the calibrated ranges (random pose
+  features, K/V and contexts are unlike any real ones). Measured on the tiny preset (random
+  weights: 32-64 channels without outlier structure, int8's worst case): calibration inputs
+  7-8%, random inputs 18-37% (seeds 1, 20, 21; "min" and "opt"). Half-width sd15 unet_cond on
+  random inputs: 8.1% (bf16 0.96%). 15% and 60% hold that with room for other CPUs' rounding;
+  a wrong graph is off by >= 100%.
 """
 from __future__ import annotations
 

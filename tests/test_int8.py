@@ -4,8 +4,8 @@ torch, recorded in the manifest, run by `run --engine`; a CPU without int8 units
 
 Tolerances (aa_trt.export.openvino): int8 graphs relative L2 <= INT8_REL_L2 on calibration inputs
 and INT8_RANDOM_REL_L2 on seeded random inputs (the tiny preset's random weights are int8's worst
-case: see that module's docstring for what was measured). ~90 s on 2 cores, almost all of it
-NNCF's two quantizations.
+case: see that module's docstring for what was measured). ~110 s on 2 cores, almost all of it
+NNCF's two quantizations of the tiny UNet (its graph work, not its arithmetic).
 """
 from __future__ import annotations
 
