@@ -161,9 +161,10 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     GEMM with the three weights stacked), attention among the n entries of each (b, p), optional
     per-entry biases (3, heads, n, d) added on the way (the positional encoding folded through
     the projections). With p, the motion modules' frames attend to each other in the
-    channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c). One copy lays q, k and v out head-major for
-    the batched GEMMs (three separate head splits would each be cloned by matmul); the second
-    GEMM writes the result token-major in place; the scale rides on the first GEMM.
+    channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
+    One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
+    would each be cloned by matmul); the second GEMM writes the result token-major in place;
+    the scale rides on the first GEMM.
     -> (b, n, [p,] c)."""
     squeeze = qkv.dim() == 3
     if squeeze:

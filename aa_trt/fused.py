@@ -119,7 +119,8 @@ def layer(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None =
     return linear_add(x, lin.weight, lin.bias, residual)
 
 
-def stacked(owner: torch.nn.Module, linears: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stacked(owner: torch.nn.Module,
+            linears: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, when every layer has one) of `linears`, which read the same input,
     stacked along the output axis: one GEMM computes all their outputs side by side (q, k and v
     from one pass over the tokens). Cached on `owner` until a weight changes (its storage or version)."""
