@@ -62,13 +62,14 @@ def _interval(value) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-# `fast`: the sampling options that measured best per kind of checkpoint, with at most a quarter
-# of DDIM-20's counted UNet FLOPs and at least its agreement with the converged render (DDIM-100;
-# docs/samplers.md, "--fast", has the frontier and the commands that measured it). Keyed by
-# whether CFG runs (guidance > 1): the two branches make multistep extrapolation unstable.
+# `fast`: the sampling options that measured best per kind of checkpoint: the fewest counted UNet
+# FLOPs with at least DDIM-20's agreement with the converged render (DDIM-100; docs/samplers.md,
+# "Feature reuse and --fast", has the frontier and the commands that measured it): 0.22x DDIM-20's
+# FLOPs without CFG, 0.27x with CFG 3.5 (no setting measured at <= 0.25x kept the agreement there).
+# Keyed by whether CFG runs (guidance > 1): with two branches multistep extrapolation is unstable.
 FAST_PRESETS = {
-    "no_cfg": dict(sampler="dpmpp_2m", steps=5, timestep_power=3.0, reuse_every=2, reuse_depth=1),
-    "cfg": dict(sampler="ddim", steps=6, timestep_power=2.0, reuse_every=2, reuse_depth=1),
+    "no_cfg": dict(sampler="dpmpp_2m", steps=6, timestep_power=3.0, reuse_every=2, reuse_depth=1),
+    "cfg": dict(sampler="ddim", steps=7, timestep_power=2.0, reuse_every=2, reuse_depth=1),
 }
 # The steps a checkpoint declares when it is not a distilled student (ModelConfig.steps' default).
 UNDISTILLED_STEPS = 20
