@@ -156,6 +156,12 @@ def record(models, shapes, specs: dict, source: CalibrationSource,
     anim(ref_image, poses, steps=source.steps, seed=source.seed, context_frames=shapes.frames, context_overlap=0,
          window_batch=1, width=shapes.width, height=shapes.height, output="latent", progress=False)
     sample = anim.sample_options(steps=source.steps)
+    if not samples["unet_uncond"]:
+        # A checkpoint whose guidance skips the uncond branch (scale 1: no CFG) never calls it; its
+        # graph is still built, and gets what that branch would be given: the same latents,
+        # timesteps and poses with a zero context (Moore's uncond branch).
+        samples["unet_uncond"] = [{n: (np.zeros_like(x) if n == "context" else x) for n, x in s.items()
+                                   if n in specs["unet_uncond"].input_names} for s in samples["unet_cond"]]
     facts = {"ref": str(source.ref), "video": str(source.video), "frames": len(poses),
              "width": shapes.width, "height": shapes.height, "steps": source.steps, "seed": source.seed,
              "guidance": sample.guidance, "pose_source": facts.get("pose_source"),
