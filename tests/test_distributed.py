@@ -113,8 +113,8 @@ def _worker(rank, world, port, ckpt, out_dir):
     real_step = anim.unet_step
     calls = []
 
-    def failing_step(cond):
-        step = real_step(cond)
+    def failing_step(cond, *rest):
+        step = real_step(cond, *rest)
 
         def f(*a):
             calls.append(1)
