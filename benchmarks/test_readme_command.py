@@ -33,7 +33,7 @@ CLIP_4S = 60  # frames: a 4-second dance at the example's 15 fps (Moore's users'
 
 
 def _command(out, extra=(), dance=DANCE) -> list[str]:
-    return [sys.executable, "-m", "aa_trt", "run", str(REF), str(dance), "-o", str(out), "--json", "--quiet",
+    return [sys.executable, "-m", "aa_trt", "run", str(REF), str(dance), "-o", str(out), "--json", "--quiet", "--overwrite",
             "--seed", "0", *extra]
 
 
