@@ -10,6 +10,8 @@ Elementwise work (norms, softmax, activations) is not counted, by FlopCounterMod
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Callable
 
 import torch
@@ -50,6 +52,52 @@ def _meta_unet(unet_config, motion_config, dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=256)
 def _call_flops(unet_config, motion_config, key) -> int:
+    """The FLOPs of one call with these shapes: from `$AA_TRT_CACHE/flops.json` when counted
+    before (the meta-device count costs ~1 s the first time in a process: torch's meta
+    decompositions import torch._dynamo), else counted and kept there."""
+    import hashlib
+
+    from aa_trt import __version__
+
+    name = hashlib.sha256(repr((__version__, _network_source(), unet_config, motion_config, key)).encode()).hexdigest()[:24]
+    path = _cache_file()
+    try:
+        known = json.loads(path.read_text())
+        if isinstance(known, dict) and isinstance(known.get(name), int):
+            return known[name]
+    except (OSError, ValueError):
+        known = {}
+    n = _count_call(unet_config, motion_config, key)
+    try:
+        known = known if isinstance(known, dict) else {}
+        known[name] = n
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder: counted again next time
+    return n
+
+
+@functools.cache
+def _network_source() -> str:
+    """A digest of the network's code: a count kept by another version of it is not reused."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    files = sorted((root / "models").glob("*.py")) + [root / "attention.py", root / "fused.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()[:16]
+
+
+def _cache_file():
+    from aa_trt.autotune import cache_file
+
+    return cache_file().with_name("flops.json")
+
+
+def _count_call(unet_config, motion_config, key) -> int:
     from aa_trt.models.layers import ReferenceState
     from aa_trt.models.unet import DeepFeatures
 
