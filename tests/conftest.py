@@ -12,6 +12,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # processes it starts) takes each choice's plain default; tests/test_cpu_fast_paths.py forces
 # every choice in turn and checks it against the plain computation.
 os.environ.setdefault("AA_TRT_AUTOTUNE", "0")
+# Without CUDA the Triton kernels run in Triton's CPU interpreter (tests/test_kernels.py). Triton
+# reads TRITON_INTERPRET when it is first imported as well as when a kernel is decorated and
+# launched; set here, before any test module is collected, it holds for whichever module imports
+# triton first (set only in test_kernels.py, a module collected earlier that imported triton left
+# every kernel failing with "Cannot call @triton.jit'd outside of the scope of a kernel").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +49,4 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
