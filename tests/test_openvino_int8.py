@@ -6,10 +6,6 @@ Tolerances (aa_trt.export.openvino): int8 graphs relative L2 <= INT8_REL_L2 on c
 and INT8_RANDOM_REL_L2 on seeded random inputs (the tiny preset's random weights are int8's worst
 case: see that module's docstring for what was measured). ~110 s on 2 cores, almost all of it
 NNCF's two quantizations of the tiny UNet (its graph work, not its arithmetic).
-
-Named to run after tests/test_kernels.py: an NNCF quantization leaves Triton's CPU interpreter
-unusable in the same process ("Cannot call @triton.jit'd outside of the scope of a kernel"; found
-when the kernel tests ran after this file).
 """
 from __future__ import annotations
 
