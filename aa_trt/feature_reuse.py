@@ -24,21 +24,18 @@ Unit = Hashable  # (branch, window frames): what one UNet row group computes
 class FeatureStore:
     """The deep features of the last whole step, per unit, for one denoise."""
 
-    def __init__(self, depth: int, full_timesteps: set[int]):
+    def __init__(self, depth: int, full_step: Callable[[int], bool]):
         self.depth = depth
-        self.full_timesteps = full_timesteps
+        self.full_step = full_step  # step index -> whether the UNet runs whole then
+        self._full = True                                         # the current step's wholeness
         self._units: dict[Unit, torch.Tensor] = {}                # unit -> (f, C, h, w)
         self._groups: dict[tuple[Unit, ...], torch.Tensor] = {}  # units of one call -> their rows
         self.last_full: tuple[int, torch.Tensor] | None = None   # (step, the whole step's input x)
 
-    @classmethod
-    def for_schedule(cls, sample, timesteps: Sequence[int]) -> "FeatureStore":
-        full = {t for i, t in enumerate(timesteps) if sample.full_step(i)}
-        return cls(sample.reuse_depth, full)
-
-    def begin_step(self, i: int, t: int, x: torch.Tensor) -> None:
-        """Called by every rank before step i's model call at timestep t on input x."""
-        if t in self.full_timesteps:
+    def begin_step(self, i: int, x: torch.Tensor) -> None:
+        """Called by every rank before step i's model call on input x."""
+        self._full = self.full_step(i)
+        if self._full:
             self._units.clear()
             self._groups.clear()
             self.last_full = (i, x)
@@ -50,11 +47,12 @@ class FeatureStore:
         i, x = self.last_full
         return {"reuse_x": x, "reuse_step": torch.tensor(i, dtype=torch.int64)}
 
-    def run(self, call: Callable, units: Sequence[Unit], t: int, rows: int) -> torch.Tensor:
+    def run(self, call: Callable, units: Sequence[Unit], rows: int) -> torch.Tensor:
         """call(positions, deep) -> predictions (len(positions) * rows, ...) for those of `units`
-        (a list of positions into it) -> the predictions of all units, in their order."""
+        (a list of positions into it) -> the predictions of all units, in their order, for the
+        step `begin_step` opened."""
         units = list(units)
-        full = t in self.full_timesteps
+        full = self._full
         miss = [p for p, u in enumerate(units) if full or u not in self._units]
         hit = [p for p, u in enumerate(units) if not full and u in self._units]
         outs = {}

@@ -262,7 +262,7 @@ class Animator:
                 out = run(range(len(units)))
             else:
                 names = [tuple(torch.as_tensor(win).tolist()) for win in windows]
-                out = reuse.run(run, [(b, names[j]) for b, j in units], t, f)
+                out = reuse.run(run, [(b, names[j]) for b, j in units], f)
             return out.view(nb * k, f, c, h, w).permute(0, 2, 1, 3, 4).float()
 
         return step
@@ -350,17 +350,19 @@ class Animator:
         with tqdm(total=total, initial=done[0], desc=f"denoise ({share})", unit="window",
                   disable=not progress or hook is not None) as bar:
             def tick(k: int) -> None:
+                if muted[0]:
+                    return
                 bar.update(k)
                 done[0] += k
                 if hook is not None:
                     hook(done[0], total)
 
             self.check_feature_reuse(sample)
-            reuse = FeatureStore.for_schedule(sample, schedule.timesteps) if sample.reuses_features else None
+            reuse = FeatureStore(sample.reuse_depth, sample.full_step) if sample.reuses_features else None
             self.unet_cost = UNetCost(self.config)
-            model = windowed_guidance(self.unet_step(cond, reuse, self.unet_cost), windows, sample.guidance, sample.window_batch,
-                                      lambda k: tick(k) if not muted[0] else None, plan=self.plan,
-                                      reduce=reduce, interval=sample.guidance_interval)
+            model = windowed_guidance(self.unet_step(cond, reuse, self.unet_cost), windows, sample.guidance,
+                                      sample.window_batch, tick, plan=self.plan, reduce=reduce,
+                                      interval=sample.guidance_interval)
             carry = {k: v.to(self.device) for k, v in (carry or {}).items()}
             latents = latents.to(self.device, torch.float32)
             if reuse is not None:
@@ -377,7 +379,7 @@ class Animator:
         steps = list(schedule.timesteps)
 
         def reusing_model(x, t, **kw):
-            reuse.begin_step(steps.index(t), t, x)
+            reuse.begin_step(steps.index(t), x)
             return model(x, t, **kw)
 
         def reusing_callback(info):
@@ -385,7 +387,7 @@ class Animator:
                 callback({**info, "carry": {**info["carry"], **reuse.carry()}})
 
         x_full, i_full = carry.pop("reuse_x", None), carry.pop("reuse_step", None)
-        if start > 0 and steps[start] not in reuse.full_timesteps:
+        if start > 0 and not reuse.full_step(start):
             if x_full is None or i_full is None:
                 raise ValueError(f"resuming at step {start} with feature reuse needs carry reuse_x/reuse_step "
                                  f"(the input of the last whole step)")

@@ -65,3 +65,38 @@ def save_tiny_checkpoint(path, seed_base: int = 0):
     for i, module in enumerate(models.components().values()):
         randomize_(module, seed=seed_base + i)
     return save_models(path, models)
+
+
+def threaded_ranks(world: int, work, timeout: float = 300) -> list:
+    """`world` ranks in threads: work(rank, reduce) -> that rank's result, where `reduce(buf, err)`
+    sums the ranks' buffers through a barrier (aa_trt.process_group.StepReduce's arithmetic without
+    processes; a rank's error is re-raised here). Returns the results by rank."""
+    import threading
+
+    bufs, barrier, out, errors = [None] * world, threading.Barrier(world), [None] * world, []
+
+    def reduce_for(rank):
+        def reduce(buf, err):
+            if err is not None:
+                errors.append(err)
+            bufs[rank] = buf.clone()
+            barrier.wait()
+            total = torch.stack(bufs).sum(0)
+            barrier.wait()
+            buf.copy_(total)
+        return reduce
+
+    def run(rank):
+        try:
+            out[rank] = work(rank, reduce_for(rank))
+        except Exception as e:  # noqa: BLE001 -- reported by the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout)
+    if errors:
+        raise errors[0]
+    return out

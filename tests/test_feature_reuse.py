@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,7 @@ from aa_trt.models.layers import ReferenceState
 from aa_trt.models.unet import DeepFeatures, UNet
 from aa_trt.options import FAST_PRESETS, SampleOptions
 from aa_trt.pipeline import Animator
-from helpers import randomize_, save_tiny_checkpoint
+from helpers import randomize_, save_tiny_checkpoint, threaded_ranks
 
 # Three levels (so that depths 1 and 2 both exist), motion modules, attention at the outer two.
 THREE = UNetConfig(block_out_channels=(16, 32, 32), down_block_attention=(True, True, False),
@@ -146,34 +145,16 @@ def test_reuse_runs_shallow_steps_between_whole_ones(anim):
 
 
 def _threaded(anim, world, mode, sample):
-    """`world` ranks in threads, each an Animator on the same models with its plan, summing their
-    shares through a barrier (aa_trt.process_group.StepReduce's arithmetic without processes)."""
+    """`world` ranks in threads (helpers.threaded_ranks), each an Animator on the same models with
+    its plan."""
     a, cond, lat = anim
-    bufs, barrier, out, errors = [None] * world, threading.Barrier(world), [None] * world, []
 
-    def reduce_for(rank):
-        def reduce(buf, err):
-            if err is not None:
-                errors.append(err)
-            bufs[rank] = buf.clone()
-            barrier.wait()
-            total = torch.stack(bufs).sum(0)
-            barrier.wait()
-            buf.copy_(total)
-        return reduce
-
-    def work(rank):
+    def work(rank, reduce):
         mine = Animator(a.models, a.device, a.dtype)
-        out[rank] = mine.run_denoise(cond, lat, sample, progress=False, world=world, rank=rank, parallel=mode,
-                                     reduce=reduce_for(rank))
+        return mine.run_denoise(cond, lat, sample, progress=False, world=world, rank=rank, parallel=mode,
+                                reduce=reduce)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(300)
-    assert not errors
-    return out
+    return threaded_ranks(world, work)
 
 
 @pytest.mark.parametrize("mode", ["guidance", "window"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from aa_trt.guidance import make_plan, uniform_windows, windowed_guidance
 from aa_trt.options import SampleOptions
 from aa_trt.sampling import (SAMPLERS, _dpmpp_coefficients, ddim_schedule, ddim_step, dpm_schedule,
                              sample_dpmpp_3m, solver_alphas)
+from helpers import threaded_ranks
 
 MOORE = SchedulerConfig()  # inference_v2: linear 0.00085..0.012, v_prediction, zero-SNR, trailing
 CONFIGS = [MOORE,
@@ -233,33 +233,17 @@ def test_interval_outside_is_the_cond_prediction_at_one_branch():
 
 
 def _threaded_ranks(world, mode, x, ts, interval):
-    """`world` ranks in threads, each with its plan, summing their shares through a barrier:
-    the arithmetic of aa_trt.process_group.StepReduce without processes."""
-    bufs, barrier, out, units = [None] * world, threading.Barrier(world), [None] * world, [0] * world
-
-    def reduce_for(rank):
-        def reduce(buf, err):
-            bufs[rank] = buf.clone()
-            barrier.wait()
-            total = torch.stack(bufs).sum(0)
-            barrier.wait()
-            buf.copy_(total)
-        return reduce
-
-    def work(rank):
+    """`world` ranks in threads (helpers.threaded_ranks), each with its plan: -> (predictions by
+    rank, UNet units by rank)."""
+    def work(rank, reduce):
         calls = []
         plan = make_plan(len(WINDOWS), world, rank, True, mode)
         model = windowed_guidance(_counting_step(calls), WINDOWS, 3.5, 1, plan=plan,
-                                  reduce=reduce_for(rank) if world > 1 else None, interval=interval)
-        out[rank] = [model(x, t) for t in ts]
-        units[rank] = sum(len(b) * k for _, b, k in calls)
+                                  reduce=reduce if world > 1 else None, interval=interval)
+        return [model(x, t) for t in ts], sum(len(b) * k for _, b, k in calls)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    return out, units
+    results = threaded_ranks(world, work, timeout=60)
+    return [r[0] for r in results], [r[1] for r in results]
 
 
 @pytest.mark.parametrize("world,mode", [(2, "guidance"), (3, "guidance"), (2, "window"), (3, "window")])
