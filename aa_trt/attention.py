@@ -163,29 +163,93 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     the projections). With p, the motion modules' frames attend to each other in the
     channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
     One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
-    would each be cloned by matmul); the second GEMM writes the result token-major in place;
-    the scale rides on the first GEMM.
+    would each be cloned by matmul; how the bias rides on it is measured, `_pack_heads`); the
+    second GEMM writes the result token-major in place; the scale rides on the first GEMM.
     -> (b, n, [p,] c)."""
-    squeeze = qkv.dim() == 3
-    if squeeze:
-        qkv = qkv.unsqueeze(2)
+    if qkv.dim() == 3:
+        return _packed_over_rows(qkv, heads, bias)
     b, n, p, c3 = qkv.shape
     c = c3 // 3
     d = c // heads
     src = qkv.view(b, n, p, 3, heads, d).permute(3, 0, 2, 4, 1, 5)  # (3, b, p, h, n, d), a view
     packed = torch.empty((3, b, p, heads, n, d), dtype=qkv.dtype, device=qkv.device)
-    if bias is None:
-        packed.copy_(src)
-    else:
-        torch.add(src, bias[:, None, None].to(qkv.dtype), out=packed)
+    _pack_heads(packed, src, None if bias is None else bias[:, None, None], "grid")
     q, k, v = packed.view(3, b * p * heads, n, d).unbind(0)
-    scores = torch.empty((b * p * heads, n, n), dtype=qkv.dtype, device=qkv.device)
-    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=d ** -0.5, out=scores)
-    probs, v = softmax_(scores).view(b, p * heads, n, n), v.view(b, p * heads, n, d)
+    probs = _short_scores(q, k)
+    probs, v = probs.view(b, p * heads, n, n), v.view(b, p * heads, n, d)
     out = torch.empty((b, n, p, c), dtype=qkv.dtype, device=qkv.device)
     for i in range(b):  # the second GEMM writes each (position, head) block token-major: no copy back
         torch.bmm(probs[i], v[i], out=out[i].view(n, p * heads, d).transpose(0, 1))
-    return out.squeeze(2) if squeeze else out
+    return out
+
+
+def _packed_over_rows(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """`packed_short_attention` on qkv (b, n, 3c), b independent rows (the motion modules' NCHW
+    path: b = batch x positions, thousands): each GEMM is one batched call over every (row,
+    head), and one copy lays the result out token-major. (A GEMM per row costs a call per
+    position; a GEMM per head writing its columns of the output in place takes bmm's slow
+    strided-output path: 4x slower for these 16x16 blocks.)  -> (b, n, c)."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // heads
+    src = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # (3, b, h, n, d), a view
+    packed = torch.empty((3, b, heads, n, d), dtype=qkv.dtype, device=qkv.device)
+    _pack_heads(packed, src, None if bias is None else bias[:, None], "rows")
+    q, k, v = packed.view(3, b * heads, n, d).unbind(0)
+    heads_out = torch.bmm(_short_scores(q, k), v)  # (b*h, n, d)
+    return heads_out.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
+
+
+def _short_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) for q, k (B, n, d): the scale rides on the GEMM, the softmax runs
+    in place.  -> (B, n, n)."""
+    scores = torch.empty((q.shape[0], q.shape[1], k.shape[1]), dtype=q.dtype, device=q.device)
+    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=q.shape[-1] ** -0.5, out=scores)
+    return softmax_(scores)
+
+
+PACKINGS = ("one-pass", "copy-then-add")
+
+
+def _pack_heads(out: torch.Tensor, src: torch.Tensor, bias: torch.Tensor | None, form: str) -> None:
+    """out = src + bias (bias broadcast; None: a copy), out contiguous and src a permuted view of
+    a packed projection whose innermost runs are one head's d elements. Adding while copying is
+    one pass; on some CPUs a strided add is so much slower than the transposing copy that a copy
+    followed by a contiguous in-place add wins at small d (d=20: ~1.8x on an EPYC) and loses at
+    large d: measured per dtype, head dim, frames and `form` (the caller's source order: "grid" for
+    (b, n, p, 3c) tokens, "rows" for (b, n, 3c)) by aa_trt.autotune."""
+    if bias is None:
+        out.copy_(src)
+        return
+    from aa_trt import autotune
+
+    d, n = out.shape[-1], out.shape[-2]
+    key = f"packing:{form}:{str(out.dtype).removeprefix('torch.')}:n{n}:d{d}"
+    choice = autotune.choose(key, PACKINGS, lambda: _packing_candidates(out, src, bias))
+    bias = bias.to(out.dtype)
+    if choice == "copy-then-add":
+        out.copy_(src)
+        out.add_(bias)
+    else:
+        torch.add(src, bias, out=out)
+
+
+def _packing_candidates(out: torch.Tensor, src: torch.Tensor, bias: torch.Tensor):
+    """Both packings on a slice of the real work (at most ~4M elements: the rate, not the size,
+    is what is compared)."""
+    dims = list(src.shape)
+    axis = max(range(len(dims) - 2), key=lambda i: dims[i])  # the longest batch-like axis
+    keep = max(1, min(dims[axis], (4 << 20) // max(1, src.numel() // dims[axis])))
+    s = src.narrow(axis, 0, keep)
+    o = torch.empty(s.shape, dtype=out.dtype, device=out.device)
+    bb = bias.to(out.dtype)
+    if bb.shape[axis] != 1:
+        bb = bb.narrow(axis, 0, keep)
+
+    def copy_then_add():
+        o.copy_(s)
+        o.add_(bb)
+    return {"one-pass": lambda: torch.add(s, bb, out=o), "copy-then-add": copy_then_add}
 
 
 def packed_ok(x: torch.Tensor) -> bool:

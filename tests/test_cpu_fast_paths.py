@@ -315,10 +315,11 @@ def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
     assert got.is_contiguous() or fmt == "nchw"  # channels-last inside is not the caller's business
 
 
+@pytest.mark.parametrize("packing", attn_math.PACKINGS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_packed_short_attention_matches_short_attention(dtype, tol):
+def test_packed_short_attention_matches_short_attention(dtype, tol, packing):
     """The motion modules' CPU path: q, k, v from one packed projection, per-frame biases added on
-    the way, against attention over (x + bias) computed in float64."""
+    the way (either measured packing), against attention over (x + bias) computed in float64."""
     g = torch.Generator().manual_seed(12)
     b, f, heads, d = 6, 9, 4, 8
     c = heads * d
@@ -327,9 +328,36 @@ def test_packed_short_attention_matches_short_attention(dtype, tol):
     flat = bias.transpose(1, 2).reshape(3, f, c)  # (3, f, c): the same biases token-major
     exact = attn_math.short_attention((q + flat[0]).double(), (k + flat[1]).double(), (v + flat[2]).double(), heads)
     qkv = torch.cat([q, k, v], dim=-1).to(dtype)
-    assert _rel(attn_math.packed_short_attention(qkv, heads, bias.to(dtype)), exact) < tol
+    with autotune.override({"packing:": packing}):
+        got = attn_math.packed_short_attention(qkv, heads, bias.to(dtype))
+        grid = attn_math.packed_short_attention(qkv.view(2, 3, f, 3 * c).transpose(1, 2), heads, bias.to(dtype))
+    assert got.shape == (b, f, c) and _rel(got, exact) < tol
+    assert _rel(grid.transpose(1, 2).reshape(b, f, c), exact) < tol
     plain = attn_math.short_attention(q.double(), k.double(), v.double(), heads)
     assert _rel(attn_math.packed_short_attention(qkv, heads), plain) < tol
+
+
+def test_packed_short_attention_over_many_rows_is_a_few_batched_gemms():
+    """The NCHW motion modules hand thousands of rows (batch x positions): their attention must be
+    a fixed number of batched GEMMs, not one per row (a per-row loop was 10x slower)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.gemms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.mm):
+                self.gemms += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(14)
+    rows, f, heads, d = 300, 6, 2, 4
+    qkv = torch.randn(rows, f, 3 * heads * d, generator=g)
+    with Count() as count:
+        attn_math.packed_short_attention(qkv, heads, torch.randn(3, heads, f, d, generator=g))
+    assert count.gemms <= 2
 
 
 def test_packed_short_attention_over_axis_1_of_token_grids():
