@@ -202,10 +202,38 @@ def _packed_over_rows(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) 
 
 def _short_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) for q, k (B, n, d): the scale rides on the GEMM, the softmax runs
-    in place.  -> (B, n, n)."""
+    in place (`short_softmax_`).  -> (B, n, n)."""
     scores = torch.empty((q.shape[0], q.shape[1], k.shape[1]), dtype=q.dtype, device=q.device)
     torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=q.shape[-1] ** -0.5, out=scores)
-    return softmax_(scores)
+    return short_softmax_(scores)
+
+
+SHORT_SOFTMAXES = ("in-place", "via-fp32")
+
+
+def short_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """`softmax_` for many short rows (the motion modules' 16-24 frames). ATen's bf16/fp16
+    softmax computes each row in fp32 anyway, with a per-row overhead that dominates rows this
+    short (bf16 (16384, 16, 16): 2x the time of converting to fp32, the fp32 softmax and
+    converting back, on an EPYC); the values are the same either way (one rounding of the fp32
+    result). Measured per dtype and row length (aa_trt.autotune)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or not fused.active(x):
+        return softmax_(x)
+    from aa_trt import autotune
+
+    key = f"softmax:short:{str(x.dtype).removeprefix('torch.')}:n{x.shape[-1]}"
+    if autotune.choose(key, SHORT_SOFTMAXES, lambda: _short_softmax_candidates(x)) == "in-place":
+        return softmax_(x)
+    wide = softmax_(x.float())
+    return x.copy_(wide)
+
+
+def _short_softmax_candidates(x: torch.Tensor):
+    """Both on ~1M scores of x's row length (applied over and over in place: a softmax of
+    probabilities is as much work as any other)."""
+    n = x.shape[-1]
+    work = torch.randn((max(1, (1 << 20) // n), n), generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    return {"in-place": lambda: softmax_(work), "via-fp32": lambda: work.copy_(softmax_(work.float()))}
 
 
 PACKINGS = ("one-pass", "copy-then-add")
