@@ -72,6 +72,26 @@ def test_fused_linear_epilogues_match_references(dtype):
             assert _rel(got[name], exact[name]) <= 1.25 * _rel(ref[name], exact[name]) + 1e-4, name
 
 
+@pytest.mark.parametrize("choice", fused.LAYER_NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_layer_norm_either_kernel_equals_the_module(choice, dtype):
+    """The bf16 LayerNorm with its affine handed over in fp32 (ATen's mixed kernel) gives the
+    module's own values bit for bit; fp32 and autograd keep the module."""
+    g = torch.Generator().manual_seed(16)
+    norm = torch.nn.LayerNorm(160)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(160, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(160, generator=g))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(2, 37, 160, generator=g) + 1).to(dtype)
+    with autotune.override({"layer_norm:": choice}):
+        got = fused.layer_norm(x, norm)
+    assert got.dtype == dtype and torch.equal(got, norm(x))
+    with torch.enable_grad():  # training: the module itself
+        assert torch.equal(fused.layer_norm(x, norm.requires_grad_(True)), norm(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @torch.no_grad()

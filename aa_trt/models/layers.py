@@ -274,7 +274,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ref: ReferenceState | None = None):
         # x (n, L, c) tokens, context (n, S, context_dim)
-        h = self.norm1(x)
+        h = fused.layer_norm(x, self.norm1)
         if ref is not None and ref.bank is not None:
             ref.bank.append(h)
             if ref.bank_limit is not None and len(ref.bank) >= ref.bank_limit:
@@ -283,7 +283,7 @@ class TransformerBlock(nn.Module):
         cross = self.cross_attention(x, context)
         # x is the fresh output of the self-attention's epilogue: add in place outside autograd.
         x = x + cross if torch.is_grad_enabled() else x.add_(cross)
-        return self.ff(self.norm3(x), residual=x)
+        return self.ff(fused.layer_norm(x, self.norm3), residual=x)
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x (n, L, c), context (n, S, d) -> (n, L, c), or (n, 1, c) to broadcast when S = 1.

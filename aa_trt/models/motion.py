@@ -112,8 +112,8 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, x):  # x (b*h*w, f, c), or (b, f, h*w, c) on the CPU's packed path
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = attn(norm(x), residual=x)
-        return self.ff(self.ff_norm(x), residual=x)
+            x = attn(fused.layer_norm(x, norm), residual=x)
+        return self.ff(fused.layer_norm(x, self.ff_norm), residual=x)
 
 
 class TemporalTransformer(nn.Module):
