@@ -218,12 +218,25 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     key = f"layer_norm:bfloat16:c{c}"
     if autotune.choose(key, LAYER_NORMS, lambda: _layer_norm_candidates(x, norm)) == "as-stored":
         return norm(x)
-    return F.layer_norm(x, norm.normalized_shape, w.float(), None if b is None else b.float(), norm.eps)
+    w32, b32 = _fp32_affine(norm)
+    return F.layer_norm(x, norm.normalized_shape, w32, b32, norm.eps)
+
+
+def _fp32_affine(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 copies of norm's weight and bias, kept until the parameters change (a conversion per
+    call would be two more copies per norm)."""
+    params = (norm.weight, norm.bias)
+    key = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+    cached = getattr(norm, "_fp32_affine", None)
+    if cached is None or cached[0] != key:
+        cached = (key, tuple(None if p is None else p.detach().float() for p in params))
+        norm._fp32_affine = cached
+    return cached[1]
 
 
 def _layer_norm_candidates(x: torch.Tensor, norm: torch.nn.LayerNorm):
     c = x.shape[-1]
     rows = torch.randn((max(1, (4 << 20) // c), c), generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    w, b = norm.weight.float(), None if norm.bias is None else norm.bias.float()
+    w, b = _fp32_affine(norm)
     return {"as-stored": lambda: norm(rows),
             "fp32-affine": lambda: F.layer_norm(rows, norm.normalized_shape, w, b, norm.eps)}
