@@ -163,9 +163,8 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     the projections). With p, the motion modules' frames attend to each other in the
     channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
     One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
-    would each be cloned by matmul; how the bias rides on it is measured, `_pack_heads`); the
-    second GEMM writes the result token-major in place; the scale rides on the first GEMM.
-    -> (b, n, [p,] c)."""
+    would each be cloned by matmul; the biases ride on it); the second GEMM writes the result
+    token-major in place; the scale rides on the first GEMM.  -> (b, n, [p,] c)."""
     if qkv.dim() == 3:
         return _packed_over_rows(qkv, heads, bias)
     b, n, p, c3 = qkv.shape
@@ -173,7 +172,7 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     d = c // heads
     src = qkv.view(b, n, p, 3, heads, d).permute(3, 0, 2, 4, 1, 5)  # (3, b, p, h, n, d), a view
     packed = torch.empty((3, b, p, heads, n, d), dtype=qkv.dtype, device=qkv.device)
-    _pack_heads(packed, src, None if bias is None else bias[:, None, None], "grid")
+    _pack_heads(packed, src, None if bias is None else bias[:, None, None])
     q, k, v = packed.view(3, b * p * heads, n, d).unbind(0)
     probs = _short_scores(q, k)
     probs, v = probs.view(b, p * heads, n, n), v.view(b, p * heads, n, d)
@@ -194,7 +193,7 @@ def _packed_over_rows(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) 
     d = c // heads
     src = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # (3, b, h, n, d), a view
     packed = torch.empty((3, b, heads, n, d), dtype=qkv.dtype, device=qkv.device)
-    _pack_heads(packed, src, None if bias is None else bias[:, None], "rows")
+    _pack_heads(packed, src, None if bias is None else bias[:, None])
     q, k, v = packed.view(3, b * heads, n, d).unbind(0)
     heads_out = torch.bmm(_short_scores(q, k), v)  # (b*h, n, d)
     return heads_out.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
@@ -202,82 +201,21 @@ def _packed_over_rows(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) 
 
 def _short_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) for q, k (B, n, d): the scale rides on the GEMM, the softmax runs
-    in place (`short_softmax_`).  -> (B, n, n)."""
+    in place.  -> (B, n, n)."""
     scores = torch.empty((q.shape[0], q.shape[1], k.shape[1]), dtype=q.dtype, device=q.device)
     torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=q.shape[-1] ** -0.5, out=scores)
-    return short_softmax_(scores)
+    return softmax_(scores)
 
 
-SHORT_SOFTMAXES = ("in-place", "via-fp32")
-
-
-def short_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """`softmax_` for many short rows (the motion modules' 16-24 frames). ATen's bf16/fp16
-    softmax computes each row in fp32 anyway, with a per-row overhead that dominates rows this
-    short (bf16 (16384, 16, 16): 2x the time of converting to fp32, the fp32 softmax and
-    converting back, on an EPYC); the values are the same either way (one rounding of the fp32
-    result). Measured per dtype and row length (aa_trt.autotune)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or not fused.active(x):
-        return softmax_(x)
-    from aa_trt import autotune
-
-    key = f"softmax:short:{str(x.dtype).removeprefix('torch.')}:n{x.shape[-1]}"
-    if autotune.choose(key, SHORT_SOFTMAXES, lambda: _short_softmax_candidates(x)) == "in-place":
-        return softmax_(x)
-    wide = softmax_(x.float())
-    return x.copy_(wide)
-
-
-def _short_softmax_candidates(x: torch.Tensor):
-    """Both on ~1M scores of x's row length (applied over and over in place: a softmax of
-    probabilities is as much work as any other)."""
-    n = x.shape[-1]
-    work = torch.randn((max(1, (1 << 20) // n), n), generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    return {"in-place": lambda: softmax_(work), "via-fp32": lambda: work.copy_(softmax_(work.float()))}
-
-
-PACKINGS = ("one-pass", "copy-then-add")
-
-
-def _pack_heads(out: torch.Tensor, src: torch.Tensor, bias: torch.Tensor | None, form: str) -> None:
-    """out = src + bias (bias broadcast; None: a copy), out contiguous and src a permuted view of
-    a packed projection whose innermost runs are one head's d elements. Adding while copying is
-    one pass; on some CPUs a strided add is so much slower than the transposing copy that a copy
-    followed by a contiguous in-place add wins at small d (d=20: ~1.8x on an EPYC) and loses at
-    large d: measured per dtype, head dim, frames and `form` (the caller's source order: "grid" for
-    (b, n, p, 3c) tokens, "rows" for (b, n, 3c)) by aa_trt.autotune."""
+def _pack_heads(out: torch.Tensor, src: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = src + bias (bias broadcast; None: a copy) in one pass: out contiguous, src a permuted
+    view of a packed projection. (A plain transposing copy followed by a contiguous add measured
+    up to 2x faster for the pass itself at head dim 20, and no faster for a whole UNet call,
+    while adding a copy of the whole projection: not taken.)"""
     if bias is None:
         out.copy_(src)
-        return
-    from aa_trt import autotune
-
-    d, n = out.shape[-1], out.shape[-2]
-    key = f"packing:{form}:{str(out.dtype).removeprefix('torch.')}:n{n}:d{d}"
-    choice = autotune.choose(key, PACKINGS, lambda: _packing_candidates(out, src, bias))
-    bias = bias.to(out.dtype)
-    if choice == "copy-then-add":
-        out.copy_(src)
-        out.add_(bias)
     else:
-        torch.add(src, bias, out=out)
-
-
-def _packing_candidates(out: torch.Tensor, src: torch.Tensor, bias: torch.Tensor):
-    """Both packings on a slice of the real work (at most ~4M elements: the rate, not the size,
-    is what is compared)."""
-    dims = list(src.shape)
-    axis = max(range(len(dims) - 2), key=lambda i: dims[i])  # the longest batch-like axis
-    keep = max(1, min(dims[axis], (4 << 20) // max(1, src.numel() // dims[axis])))
-    s = src.narrow(axis, 0, keep)
-    o = torch.empty(s.shape, dtype=out.dtype, device=out.device)
-    bb = bias.to(out.dtype)
-    if bb.shape[axis] != 1:
-        bb = bb.narrow(axis, 0, keep)
-
-    def copy_then_add():
-        o.copy_(s)
-        o.add_(bb)
-    return {"one-pass": lambda: torch.add(s, bb, out=o), "copy-then-add": copy_then_add}
+        torch.add(src, bias.to(out.dtype), out=out)
 
 
 def packed_ok(x: torch.Tensor) -> bool:

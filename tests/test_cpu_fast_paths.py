@@ -335,11 +335,10 @@ def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
     assert got.is_contiguous() or fmt == "nchw"  # channels-last inside is not the caller's business
 
 
-@pytest.mark.parametrize("packing", attn_math.PACKINGS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_packed_short_attention_matches_short_attention(dtype, tol, packing):
+def test_packed_short_attention_matches_short_attention(dtype, tol):
     """The motion modules' CPU path: q, k, v from one packed projection, per-frame biases added on
-    the way (either measured packing), against attention over (x + bias) computed in float64."""
+    the way, in both token layouts, against attention over (x + bias) computed in float64."""
     g = torch.Generator().manual_seed(12)
     b, f, heads, d = 6, 9, 4, 8
     c = heads * d
@@ -348,34 +347,13 @@ def test_packed_short_attention_matches_short_attention(dtype, tol, packing):
     flat = bias.transpose(1, 2).reshape(3, f, c)  # (3, f, c): the same biases token-major
     exact = attn_math.short_attention((q + flat[0]).double(), (k + flat[1]).double(), (v + flat[2]).double(), heads)
     qkv = torch.cat([q, k, v], dim=-1).to(dtype)
-    softmax = attn_math.SHORT_SOFTMAXES[attn_math.PACKINGS.index(packing)]  # both of each, once
-    with torch.no_grad(), autotune.override({"packing:": packing, "softmax:short:": softmax}):
+    with torch.no_grad():
         got = attn_math.packed_short_attention(qkv, heads, bias.to(dtype))
         grid = attn_math.packed_short_attention(qkv.view(2, 3, f, 3 * c).transpose(1, 2), heads, bias.to(dtype))
     assert got.shape == (b, f, c) and _rel(got, exact) < tol
     assert _rel(grid.transpose(1, 2).reshape(b, f, c), exact) < tol
     plain = attn_math.short_attention(q.double(), k.double(), v.double(), heads)
     assert _rel(attn_math.packed_short_attention(qkv, heads), plain) < tol
-
-
-@pytest.mark.parametrize("choice", attn_math.SHORT_SOFTMAXES)
-def test_short_softmax_either_way_is_the_softmax(choice, monkeypatch):
-    """The motion modules' bf16 softmax over 16 frames, in place or through fp32: both are the
-    fp32 softmax rounded once (within one rounding of each other and of float64's)."""
-    g = torch.Generator().manual_seed(15)
-    x = (3 * torch.randn(64, 16, 16, generator=g)).to(torch.bfloat16)
-    want = x.double().softmax(-1)
-    ran = []
-    plain = attn_math.softmax_
-    monkeypatch.setattr(attn_math, "softmax_", lambda t: ran.append(t.dtype) or plain(t))
-    with torch.no_grad(), autotune.override({"softmax:short:": choice}):
-        got = attn_math.short_softmax_(x.clone())
-    assert ran == [torch.bfloat16 if choice == "in-place" else torch.float32]  # the choice ran
-    assert got.dtype == torch.bfloat16
-    assert (got.double() - want).abs().max().item() <= 2.0 ** -8  # bf16: half an ulp at 1 is 2^-9
-    other = [c for c in attn_math.SHORT_SOFTMAXES if c != choice][0]
-    with torch.no_grad(), autotune.override({"softmax:short:": other}):
-        assert (attn_math.short_softmax_(x.clone()).double() - got.double()).abs().max().item() <= 2.0 ** -8
 
 
 def test_packed_short_attention_over_many_rows_is_a_few_batched_gemms():
