@@ -22,11 +22,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("videos", choices=("example", "heldout", "guard"), help="which videos (above)")
     p.add_argument("out", help="JSON-lines file the rows are appended to")
-    p.add_argument("--plan", choices=("frontier", "guard", "few", "reuse", "fast"), default=None,
+    p.add_argument("--plan", choices=("frontier", "guard", "few", "reuse", "fast", "interval"), default=None,
                    help="options to score: the whole frontier (default; 'guard' for the guard videos), the "
                         "candidates only, DPM-Solver++(2M) at 3-4 steps with large powers, feature reuse "
                         "('reuse': DDIM-20 and the best sampler settings with and without it), or "
-                        "'fast': the defaults, --fast and the 100-step render's own truth scores")
+                        "'fast': the defaults, --fast and the 100-step render's own truth scores; "
+                        "'interval': CFG 3.5 at 7 steps with feature reuse, CFG at every step or from "
+                        "t = 600 down")
     p.add_argument("--guidance", type=float, default=None, help="keep only the options at this CFG scale")
     p.add_argument("--data", type=Path, default=None, help="synthetic data set (heldout, guard)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the embedded model)")
@@ -40,9 +42,13 @@ def parser() -> argparse.ArgumentParser:
 
 def plan(name: str, S) -> list:
     """The sampling options of each plan (S: SampleOptions)."""
-    def c(sampler, steps, g, power=None, every=1, depth=1):
+    def c(sampler, steps, g, power=None, every=1, depth=1, interval=None):
         return S(sampler=sampler, steps=steps, guidance=g, timestep_power=power, reuse_every=every,
-                 reuse_depth=depth)
+                 reuse_depth=depth, guidance_interval=interval)
+
+    if name == "interval":  # the uncond branch skipped at the first steps (t > 600) of --fast's CFG setting
+        return [c("ddim", 20, 3.5), c("ddim", 7, 3.5, 2.0, 2), c("ddim", 7, 3.5, 2.0, 2, 1, (0, 600)),
+                c("ddim", 7, 3.5, 2.25, 2, 1, (0, 600))]
 
     if name == "fast":
         return [c("ddim", 20, 1.0), S(guidance=1.0, fast=True), c("ddim", 20, 3.5), S(guidance=3.5, fast=True)]
