@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
                         "fp32 torch path's")
     p.add_argument("--reference-steps", type=int, default=100, help="DDIM steps of the reference render")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N videos (continue a run that was cut, appending to OUT)")
     return p
 
 
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
 
         runner = animator_from_dir(a.engine, ckpt)
     videos = [example_video(ckpt)] if a.videos == "example" else heldout_videos(a.data, a.videos == "guard")
+    videos = videos[a.skip:]
     agreement_frontier(runner, videos, configs, a.reference_steps, out=a.out, progress=False,
                        reference_animator=anim)
     return 0
