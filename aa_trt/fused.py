@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -119,23 +119,33 @@ def layer(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None =
     return linear_add(x, lin.weight, lin.bias, residual)
 
 
+def derived(owner: torch.nn.Module, slot: str, tensors, make: Callable[[], object], extra: tuple = ()):
+    """make(): something computed from `tensors` (parameters or buffers of `owner`), kept in
+    owner.__dict__[slot] until one of them changes (its storage, version or dtype) or `extra`
+    does, and returned from there until then."""
+    key = tuple(extra) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        owner.__dict__[slot] = cached
+    return cached[1]
+
+
 def stacked(owner: torch.nn.Module,
             linears: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, when every layer has one) of `linears`, which read the same input,
     stacked along the output axis: one GEMM computes all their outputs side by side (q, k and v
-    from one pass over the tokens). Cached on `owner` until a weight changes (its storage or version)."""
-    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
-    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-    cached = owner.__dict__.get("_stacked_cache")
-    if cached is None or cached[0] != key:
+    from one pass over the tokens). Cached on `owner` until a weight changes (`derived`)."""
+    def make():
         w = torch.cat([lin.weight for lin in linears]).contiguous()
         biases = [lin.bias for lin in linears]
         b = torch.cat(biases) if all(bb is not None for bb in biases) else None
         if b is None and any(bb is not None for bb in biases):
             raise ValueError("stacked: some of the layers have a bias and some do not")
-        cached = (key, (w, b))
-        owner.__dict__["_stacked_cache"] = cached
-    return cached[1]
+        return w, b
+
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    return derived(owner, "_stacked_cache", params, make)
 
 
 def linear_mul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -211,13 +221,13 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     (aa_trt.autotune); the plain module elsewhere."""
     w, b = norm.weight, norm.bias
     if x.dtype != torch.bfloat16 or w is None or w.dtype != torch.bfloat16 or not active(x):
-        return norm(x)
+        return layer_norm_reference(x, norm)
     from aa_trt import autotune
 
     c = x.shape[-1]
     key = f"layer_norm:bfloat16:c{c}"
     if autotune.choose(key, LAYER_NORMS, lambda: _layer_norm_candidates(x, norm)) == "as-stored":
-        return norm(x)
+        return layer_norm_reference(x, norm)
     w32, b32 = _fp32_affine(norm)
     return F.layer_norm(x, norm.normalized_shape, w32, b32, norm.eps)
 
@@ -226,12 +236,8 @@ def _fp32_affine(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor |
     """fp32 copies of norm's weight and bias, kept until the parameters change (a conversion per
     call would be two more copies per norm)."""
     params = (norm.weight, norm.bias)
-    key = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
-    cached = getattr(norm, "_fp32_affine", None)
-    if cached is None or cached[0] != key:
-        cached = (key, tuple(None if p is None else p.detach().float() for p in params))
-        norm._fp32_affine = cached
-    return cached[1]
+    return derived(norm, "_fp32_affine", params,
+                   lambda: tuple(None if p is None else p.detach().float() for p in params))
 
 
 def _layer_norm_candidates(x: torch.Tensor, norm: torch.nn.LayerNorm):

@@ -75,9 +75,8 @@ class TemporalAttention(nn.Module):
         """[W_q; W_k; W_v] (3c, c) and pe[:frames] W^T per projection as (3, heads, frames, d),
         cached until the weights or the shape change."""
         ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        key = (frames, dtype) + tuple((w.data_ptr(), w._version) for w in ws + (self.pos_encoder.pe,))
-        cached = getattr(self, "_packed_cache", None)
-        if cached is None or cached[0] != key:
+
+        def make():
             if frames > self.pos_encoder.pe.shape[1]:
                 raise ValueError(f"temporal window of {frames} frames exceeds the motion modules' "
                                  f"maximum of {self.pos_encoder.pe.shape[1]}")
@@ -85,21 +84,20 @@ class TemporalAttention(nn.Module):
             table = self.pos_encoder.pe.reshape(-1, self.pos_encoder.pe.shape[-1])[:frames].float()
             bias = torch.stack([table @ w.float().t() for w in ws])  # (3, frames, c), in fp32
             bias = bias.view(3, frames, self.heads, c // self.heads).transpose(1, 2).contiguous().to(dtype)
-            cached = (key, (torch.cat(ws).to(dtype).contiguous(), bias))
-            self._packed_cache = cached
-        return cached[1]
+            return torch.cat(ws).to(dtype).contiguous(), bias
+
+        return fused.derived(self, "_packed_cache", ws + (self.pos_encoder.pe,), make, extra=(frames, dtype))
 
     def _folded_pe(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """pe[:frames] W^T for q, k, v (frames, c), cached until the weights or the shape change."""
         ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        key = (frames, dtype) + tuple((w.data_ptr(), w._version) for w in ws + (self.pos_encoder.pe,))
-        cached = getattr(self, "_pe_cache", None)
-        if cached is None or cached[0] != key:
+
+        def make():
             from aa_trt.kernels.temporal_attention import fold_positional_encoding
 
-            cached = (key, fold_positional_encoding(self.pos_encoder.pe, ws, frames, dtype))
-            self._pe_cache = cached
-        return cached[1]
+            return fold_positional_encoding(self.pos_encoder.pe, ws, frames, dtype)
+
+        return fused.derived(self, "_pe_cache", ws + (self.pos_encoder.pe,), make, extra=(frames, dtype))
 
 
 class TemporalTransformerBlock(nn.Module):
