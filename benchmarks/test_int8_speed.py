@@ -3,8 +3,8 @@ build of the same checkpoint, at SD1.5's structure (half widths, benchmarks/op_p
 
 - The denoising UNet step (the cond graph, 16 frames at 256x256: 32x32 latents, the K/V cache
   at every level), int8 engine against the bf16 engine, round by round on the same inputs.
-- The frames of a whole run on the int8 engine against aa-trt's fp32 torch path (PSNR; the issue
-  asks >= 35 dB), and the bf16 engine's for comparison: random weights, random reference and
+- The frames of a whole run on the int8 engine against aa-trt's fp32 torch path (PSNR; the target
+  is >= 35 dB), and the bf16 engine's for comparison: random weights, random reference and
   pose frames (benchmarks/workloads.video_inputs), 4 DDIM steps, CFG 3.5, one 16-frame window.
 
 The int8 build calibrates on the bundled example (examples/ref.png + dance.mp4) rendered at the
