@@ -164,7 +164,42 @@ def packed_short_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     channels-last token layout (b, f, h*w, c) without first transposing it to (b*h*w, f, c).
     One copy lays q, k and v out head-major for the batched GEMMs (three separate head splits
     would each be cloned by matmul; the biases ride on it); the second GEMM writes the result
-    token-major in place; the scale rides on the first GEMM.  -> (b, n, [p,] c)."""
+    token-major in place; the scale rides on the first GEMM.  -> (b, n, [p,] c).
+
+    Where the project's C kernel (kernels/cpu/motion_attention.c) builds on this machine and
+    measured faster for this shape (aa_trt.autotune), it does all of this in one pass instead."""
+    if _motion_kernel_chosen(qkv, heads, bias):
+        from aa_trt.kernels.cpu_motion_attention import motion_attention
+
+        return motion_attention(qkv, heads, bias)
+    return _packed_aten(qkv, heads, bias)
+
+
+MOTION_CHOICES = ("aten", "native")
+
+
+def _motion_kernel_chosen(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> bool:
+    """Whether `packed_short_attention` takes the C kernel: it supports the call and measured
+    faster than the ATen composition on this machine for this shape (two rows of each kind)."""
+    from aa_trt import autotune
+    from aa_trt.kernels import cpu_motion_attention as native
+
+    if not native.supported(qkv, heads, bias):
+        return False
+    shape = "x".join(map(str, qkv.shape[1:]))
+    key = f"motion_attention:{str(qkv.dtype).removeprefix('torch.')}:{shape}:h{heads}:b{int(bias is not None)}"
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((min(qkv.shape[0], 2),) + tuple(qkv.shape[1:]), generator=g).to(qkv.dtype)
+        bb = None if bias is None else torch.randn(bias.shape, generator=g).to(bias.dtype)
+        return {"aten": lambda: _packed_aten(x, heads, bb), "native": lambda: native.motion_attention(x, heads, bb)}
+
+    return autotune.choose(key, MOTION_CHOICES, candidates) == "native"
+
+
+def _packed_aten(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """`packed_short_attention` composed of ATen ops."""
     if qkv.dim() == 3:
         return _packed_over_rows(qkv, heads, bias)
     b, n, p, c3 = qkv.shape
@@ -485,12 +520,51 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                     bias: torch.Tensor | None, eps: float, silu: bool = True) -> torch.Tensor:
     """silu(group_norm(x)) (plain group_norm when not `silu`), x (N, C, *spatial): the fused Triton
-    kernel where the backend allows kernels and x is contiguous, F.group_norm + F.silu otherwise."""
+    kernel where the backend allows kernels and x is contiguous; on the CPU, for channels-last x,
+    the project's C kernel (kernels/cpu/group_norm_silu.c) where it builds and measured faster for
+    this shape; F.group_norm + F.silu otherwise."""
     if x.dim() >= 2 and x.is_contiguous() and _backend_allows(x, weight, bias, kernel="group_norm"):
         out = _run_kernel("group_norm", _kernels()[2].group_norm_silu,
                           x, num_groups, weight, bias, eps, silu)
         if out is not None:
             return out
+    if _native_group_norm_chosen(x, num_groups, weight, bias, eps, silu):
+        from aa_trt.kernels.cpu_group_norm_silu import group_norm_silu as native
+
+        return native(x, num_groups, weight, bias, eps, silu)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     # In place outside autograd: the norm's output is a fresh buffer nothing else reads.
     return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
+
+
+GROUP_NORM_CHOICES = ("aten", "native")
+
+
+def _native_group_norm_chosen(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                              bias: torch.Tensor | None, eps: float, silu: bool) -> bool:
+    """Whether `group_norm_silu` takes the CPU C kernel: the CPU fast paths apply (inference), the
+    kernel supports x (channels-last) and it measured faster than ATen's for this shape on this
+    machine (four images at most; the time grows with images alike)."""
+    if not fused.active(x):
+        return False
+    from aa_trt import autotune
+    from aa_trt.kernels import cpu_group_norm_silu as native
+
+    if not native.supported(x, num_groups, weight, bias):
+        return False
+    n, c, h, w = x.shape
+    key = f"group_norm_silu:{str(x.dtype).removeprefix('torch.')}:c{c}:{h}x{w}:g{num_groups}:s{int(silu)}"
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        xx = torch.randn((min(n, 4), c, h, w), generator=g).to(x.dtype).contiguous(memory_format=torch.channels_last)
+        ww = None if weight is None else torch.randn(c, generator=g).to(weight.dtype)
+        bb = None if bias is None else torch.randn(c, generator=g).to(bias.dtype)
+
+        def aten():
+            y = F.group_norm(xx, num_groups, ww, bb, eps)
+            return F.silu(y, inplace=True) if silu else y
+
+        return {"aten": aten, "native": lambda: native.group_norm_silu(xx, num_groups, ww, bb, eps, silu)}
+
+    return autotune.choose(key, GROUP_NORM_CHOICES, candidates) == "native"

@@ -35,7 +35,7 @@ GEMM_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "aten::_softmax_backward_data",
-                 "aa_trt::attention"}
+                 "aa_trt::attention", "aa_trt::motion_attention"}
 # Pointwise kernels: each is one pass over its operands' memory.
 ELEMENTWISE_OPS = {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div",
                    "aten::div_", "aten::gelu", "aten::silu", "aten::silu_", "aten::sigmoid",

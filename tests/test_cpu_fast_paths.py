@@ -261,6 +261,18 @@ def test_reference_attention_on_the_cpu_matches_the_concatenation(choice):
 
 
 # ---------------------------------------------------------------------------- whole networks
+# Force the CPU C kernels (kernels/cpu/) or ATen's composition where a choice between them exists.
+NATIVE = {"motion_attention:": "native", "group_norm_silu:": "native"}
+ATEN = {"motion_attention:": "aten", "group_norm_silu:": "aten"}
+
+
+def _native_or_skip(choice):
+    from aa_trt.kernels import cpu_native
+
+    if choice == "native" and cpu_native.library() is None:
+        pytest.skip(f"the CPU kernels did not load: {cpu_native.why_not()}")
+
+
 def _tiny_unets():
     cfg = PRESETS["tiny"]
     den = randomize_(UNet(cfg.unet, cfg.motion), seed=5).eval().requires_grad_(False)
@@ -293,9 +305,10 @@ def test_denoising_unet_fast_paths_match_the_plain_computation(dtype, tol, fmt):
         with fused.plain():
             want = run(den, refnet, torch.float32)
         den_d, ref_d = den.to(dtype), refnet.to(dtype)
-        with autotune.override({"layout:": fmt, "attention:": "gemm"}):
+        # The project's C kernels (motion attention, GroupNorm + SiLU) in one run, ATen's in the other.
+        with autotune.override({"layout:": fmt, "attention:": "gemm", **NATIVE}):
             got = run(den_d, ref_d, dtype)
-        with autotune.override({"layout:": fmt, "attention:": "sdpa"}):
+        with autotune.override({"layout:": fmt, "attention:": "sdpa", **ATEN}):
             got_sdpa = run(den_d, ref_d, dtype)
         if dtype == torch.bfloat16:
             with fused.plain():
@@ -329,16 +342,22 @@ def test_vae_decoder_fast_paths_match_the_plain_computation(dtype, tol, fmt):
         with fused.plain():
             want = vae.decode(z).sample
         vae = vae.to(dtype)
-        with autotune.override({"layout:": fmt}):
+        with autotune.override({"layout:": fmt, **NATIVE}):
             got = vae.decode(z.to(dtype)).sample
+        with autotune.override({"layout:": fmt, **ATEN}):
+            got_aten = vae.decode(z.to(dtype)).sample
+    assert _rel(got_aten.float(), want) < tol
     assert _rel(got.float(), want) < tol
     assert got.is_contiguous() or fmt == "nchw"  # channels-last inside is not the caller's business
 
 
+@pytest.mark.parametrize("choice", ["aten", "native"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_packed_short_attention_matches_short_attention(dtype, tol):
+def test_packed_short_attention_matches_short_attention(dtype, tol, choice):
     """The motion modules' CPU path: q, k, v from one packed projection, per-frame biases added on
-    the way, in both token layouts, against attention over (x + bias) computed in float64."""
+    the way, in both token layouts, against attention over (x + bias) computed in float64; ATen's
+    composition and the C kernel."""
+    _native_or_skip(choice)
     g = torch.Generator().manual_seed(12)
     b, f, heads, d = 6, 9, 4, 8
     c = heads * d
@@ -347,13 +366,14 @@ def test_packed_short_attention_matches_short_attention(dtype, tol):
     flat = bias.transpose(1, 2).reshape(3, f, c)  # (3, f, c): the same biases token-major
     exact = attn_math.short_attention((q + flat[0]).double(), (k + flat[1]).double(), (v + flat[2]).double(), heads)
     qkv = torch.cat([q, k, v], dim=-1).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), autotune.override({"motion_attention:": choice}):
         got = attn_math.packed_short_attention(qkv, heads, bias.to(dtype))
         grid = attn_math.packed_short_attention(qkv.view(2, 3, f, 3 * c).transpose(1, 2), heads, bias.to(dtype))
+        plain = attn_math.short_attention(q.double(), k.double(), v.double(), heads)
+        unbiased = attn_math.packed_short_attention(qkv, heads)
     assert got.shape == (b, f, c) and _rel(got, exact) < tol
     assert _rel(grid.transpose(1, 2).reshape(b, f, c), exact) < tol
-    plain = attn_math.short_attention(q.double(), k.double(), v.double(), heads)
-    assert _rel(attn_math.packed_short_attention(qkv, heads), plain) < tol
+    assert _rel(unbiased, plain) < tol
 
 
 def test_packed_short_attention_over_many_rows_is_a_few_batched_gemms():
@@ -374,20 +394,23 @@ def test_packed_short_attention_over_many_rows_is_a_few_batched_gemms():
     g = torch.Generator().manual_seed(14)
     rows, f, heads, d = 300, 6, 2, 4
     qkv = torch.randn(rows, f, 3 * heads * d, generator=g)
-    with Count() as count:
+    with Count() as count, autotune.override({"motion_attention:": "aten"}):
         attn_math.packed_short_attention(qkv, heads, torch.randn(3, heads, f, d, generator=g))
     assert count.gemms <= 2
 
 
-def test_packed_short_attention_over_axis_1_of_token_grids():
+@pytest.mark.parametrize("choice", ["aten", "native"])
+def test_packed_short_attention_over_axis_1_of_token_grids(choice):
     """(b, f, p, 3c): frames along axis 1 attend per (b, p), as if transposed to (b*p, f, 3c)."""
+    _native_or_skip(choice)
     g = torch.Generator().manual_seed(13)
     b, f, p, heads, d = 2, 5, 7, 2, 8
     qkv = torch.randn(b, f, p, 3 * heads * d, generator=g)
     bias = torch.randn(3, heads, f, d, generator=g)
-    got = attn_math.packed_short_attention(qkv, heads, bias)
     flat = qkv.transpose(1, 2).reshape(b * p, f, -1)
-    want = attn_math.packed_short_attention(flat, heads, bias).view(b, p, f, -1).transpose(1, 2)
+    with autotune.override({"motion_attention:": choice}):
+        got = attn_math.packed_short_attention(qkv, heads, bias)
+        want = attn_math.packed_short_attention(flat, heads, bias).view(b, p, f, -1).transpose(1, 2)
     assert got.shape == (b, f, p, heads * d) and _rel(got, want) < 1e-6
 
 

@@ -323,7 +323,9 @@ class SpatialTransformer(nn.Module):
         # In channels-last memory x (n, c, h, w) is the token matrix (n, h*w, c): the 1x1
         # projections run as linear layers on it and nothing is permuted or copied.
         n, c, hh, ww = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # views
+        normed = attn_math.group_norm_silu(x, self.norm.num_groups, self.norm.weight, self.norm.bias,
+                                           self.norm.eps, silu=False)
+        tokens = normed.permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # views
         pin, pout = self.proj_in, self.proj_out
         h = fused.linear(tokens, pin.weight.view(c, c), pin.bias)
         for block in self.transformer_blocks:

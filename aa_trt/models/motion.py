@@ -139,6 +139,10 @@ class TemporalTransformer(nn.Module):
         h = h.view(b, hh, ww, frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, hh, ww)
         return h + x
 
+    def _norm_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm
+        return attn_math.group_norm_silu(x, n.num_groups, n.weight, n.bias, n.eps, silu=False)
+
     def _forward_nhwc(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         # Channels-last x (b*f, c, h, w) is the token tensor (b, f, h*w, c) in memory. Every op
         # of the temporal transformer but the attention is token-wise, and the CPU's packed
@@ -146,7 +150,7 @@ class TemporalTransformer(nn.Module):
         # epilogue adds the residual.
         bf, c, hh, ww = x.shape
         b, p = bf // frames, hh * ww
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        tokens = self._norm_nhwc(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
         if not attn_math.packed_ok(tokens):
             return self._forward_nhwc_transposed(x, frames)
         h = fused.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (b, f, p, c)
@@ -163,7 +167,7 @@ class TemporalTransformer(nn.Module):
         # the residual.
         bf, c, hh, ww = x.shape
         b, p = bf // frames, hh * ww
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
+        tokens = self._norm_nhwc(x).permute(0, 2, 3, 1).reshape(b, frames, p, c)  # a view
         h = fused.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (b, f, p, c)
         h = h.transpose(1, 2).reshape(b * p, frames, c)  # the one copy in
         for block in self.transformer_blocks:

@@ -1,0 +1,140 @@
+"""The project's CPU C kernels (kernels/cpu/*.c, loaded by aa_trt.kernels.cpu_native) against
+their plain torch references computed in float64, on random inputs.
+
+Tolerances (max abs error on outputs of order 1): fp32 2e-5 (fp32 rounding of sums over at most a
+few thousand terms); bf16 one rounding of the output, 2^-8 relative, with inputs read exactly
+(the kernels compute in fp32 from the bf16 values and round once).
+"""
+import pytest
+import torch
+
+from aa_trt.kernels import cpu_native
+from aa_trt.kernels.cpu_group_norm_silu import group_norm_silu, group_norm_silu_reference
+from aa_trt.kernels.cpu_group_norm_silu import supported as gn_supported
+from aa_trt.kernels.cpu_motion_attention import motion_attention, motion_attention_reference
+from aa_trt.kernels.cpu_motion_attention import supported as ma_supported
+
+CL = torch.channels_last
+
+needs_library = pytest.mark.skipif(cpu_native.library() is None,
+                                   reason=f"the CPU kernels did not build here: {cpu_native.why_not()}")
+
+
+def _check(got, want, dtype):
+    err = (got.double() - want).abs()
+    if dtype == torch.float32:
+        assert err.max().item() < 2e-5
+    else:  # one bf16 rounding of the exact result
+        assert (err <= want.abs() * 2 ** -8 + 1e-6).all(), err.max().item()
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,heads", [((2, 16, 9, 3 * 40), 2), ((5, 24, 3 * 64), 4), ((3, 7, 4, 3 * 24), 3),
+                                         ((2, 32, 3, 3 * 16), 1), ((4, 17, 3 * 32), 2), ((1, 1, 2, 3 * 8), 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_motion_attention_matches_float64(dtype, shape, heads, with_bias):
+    g = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(shape, generator=g) * 1.5).to(dtype)
+    n, c = shape[1], shape[-1] // 3
+    bias = (torch.randn(3, heads, n, c // heads, generator=g) * 0.5).to(dtype) if with_bias else None
+    assert ma_supported(qkv, heads, bias)
+    got = motion_attention(qkv, heads, bias)
+    want = motion_attention_reference(qkv, heads, bias, compute=torch.float64)
+    assert got.shape == want.shape == (*shape[:-1], c) and got.dtype == dtype and got.is_contiguous()
+    # the reference rounds to dtype at its end; compare with the float64 values before that
+    exact = motion_attention_reference(qkv.double(), heads, None if bias is None else bias.double())
+    _check(got, exact, dtype)
+
+
+@needs_library
+def test_motion_attention_reads_strided_rows():
+    """Rows given as a transposed view (frames not adjacent, positions strided) read in place."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(2, 6, 16, 3 * 32, generator=g)  # (b, p, n, 3c) in memory
+    view = base.transpose(1, 2)  # (b, n, p, 3c), not contiguous
+    got = motion_attention(view, 4)
+    want = motion_attention_reference(view.double(), 4)
+    assert (got.double() - want).abs().max().item() < 2e-5
+
+
+def test_motion_attention_declines_what_it_cannot_take():
+    x = torch.randn(2, 40, 3, 48)  # 40 frames: more than the positional table holds
+    assert not ma_supported(x, 2)
+    assert not ma_supported(torch.randn(2, 16, 3, 50), 2)  # 3c not divisible
+    assert not ma_supported(torch.randn(2, 16, 3, 48).half(), 2)
+    assert not ma_supported(torch.randn(2, 16, 3, 48), 2, torch.randn(3, 2, 15, 8))  # bias shape
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups", [((3, 64, 9, 7), 32), ((2, 48, 5, 5), 3), ((4, 32, 2, 1), 8), ((1, 160, 16, 16), 32)])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_silu_matches_float64(dtype, shape, groups, silu, affine):
+    g = torch.Generator().manual_seed(3)
+    # a mean well away from 0 per channel: sums of squares would cancel without the shift
+    x = (torch.randn(shape, generator=g) * 2 + torch.randn(1, shape[1], 1, 1, generator=g) * 20).to(dtype)
+    x = x.contiguous(memory_format=CL)
+    w = torch.randn(shape[1], generator=g).to(dtype) if affine else None
+    b = torch.randn(shape[1], generator=g).to(dtype) if affine else None
+    assert gn_supported(x, groups, w, b)
+    got = group_norm_silu(x, groups, w, b, 1e-6, silu)
+    exact = group_norm_silu_reference(x.double(), groups, None if w is None else w.double(),
+                                      None if b is None else b.double(), 1e-6, silu)
+    assert got.is_contiguous(memory_format=CL) and got.dtype == dtype
+    _check(got, exact, dtype)
+
+
+def test_group_norm_silu_declines_what_it_cannot_take():
+    x = torch.randn(2, 48, 4, 4)
+    assert not gn_supported(x, 8, None, None)  # NCHW
+    assert not gn_supported(torch.randn(2, 40, 4, 4).contiguous(memory_format=CL), 8, None, None)  # 40 % 16
+    assert not gn_supported(x.contiguous(memory_format=CL), 5, None, None)  # groups do not divide
+
+
+@needs_library
+def test_kernels_show_in_profiles_under_their_names():
+    """The op profile (benchmarks/op_profile.py) classifies time by op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=CL)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        motion_attention(torch.randn(2, 8, 3, 48), 2)
+        group_norm_silu(x, 8, None, None, 1e-5)
+    names = {e.name for e in prof.events()}
+    assert {"aa_trt::motion_attention", "aa_trt::group_norm_silu"} <= names
+
+
+def test_no_compiler_or_switched_off_means_no_library(monkeypatch, tmp_path):
+    """Without a working compiler (or with AA_TRT_NATIVE=0) nothing is loaded, the reason is kept,
+    and the kernels report themselves unsupported, so every caller keeps ATen's path."""
+    monkeypatch.setenv("AA_TRT_CACHE", str(tmp_path))
+    cpu_native.library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+        monkeypatch.setattr(cpu_native.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+        assert cpu_native.library() is None
+        assert "did not build" in cpu_native.why_not()
+        assert not ma_supported(torch.randn(2, 8, 3, 48), 2)
+        assert not list(tmp_path.glob("native/*.so")) and not list(tmp_path.glob("native/.*"))  # no half file
+        cpu_native.library.cache_clear()
+        monkeypatch.setenv("AA_TRT_NATIVE", "0")
+        assert cpu_native.library() is None and cpu_native.why_not() == "AA_TRT_NATIVE=0"
+    finally:
+        cpu_native.library.cache_clear()
+
+
+@needs_library
+def test_the_library_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("AA_TRT_CACHE", str(tmp_path))
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is not None
+        built = list(tmp_path.glob("native/*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        cpu_native.library.cache_clear()
+        assert cpu_native.library() is not None and built[0].stat().st_mtime_ns == stamp
+    finally:
+        cpu_native.library.cache_clear()
