@@ -396,26 +396,44 @@ def _attention_candidates(q, m, heads):
     qq = torch.randn((rows,) + tuple(q.shape[1:]), generator=g).to(q.dtype)
     kk = torch.randn((rows, m, q.shape[2]), generator=g).to(q.dtype)
     vv = torch.randn((rows, m, q.shape[2]), generator=g).to(q.dtype)
-    return {"sdpa": lambda: sdpa_attention(qq, kk, vv, heads),
+    work = {"sdpa": lambda: sdpa_attention(qq, kk, vv, heads),
             "gemm": lambda: chunked_attention(qq, kk, vv, heads),
             "strided": lambda: strided_attention(qq, kk, vv, heads)}
+    if _flash_supported(qq, kk, vv, heads):
+        from aa_trt.kernels.cpu_flash_attention import flash_attention
+
+        work["flash"] = lambda: flash_attention(qq, kk, vv, heads)
+    return work
 
 
-CPU_CHOICES = ("sdpa", "gemm", "strided")
+# "flash": the project's C kernel (kernels/cpu/flash_attention.c), where it builds for this CPU.
+CPU_CHOICES = ("sdpa", "gemm", "strided", "flash")
+
+
+def _flash_supported(q, k, v, heads, k_ref=None, v_ref=None) -> bool:
+    from aa_trt.kernels import cpu_flash_attention
+
+    return cpu_flash_attention.supported(q, k, v, heads, k_ref, v_ref)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                   k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention on the CPU by whichever of SDPA's flash kernel, `chunked_attention` and
-    `strided_attention` measured fastest on this machine for this shape (aa_trt.autotune, once
-    per machine). k_ref/v_ref (1, m2, c): keys shared by every row after its own (reference
-    attention); only the flash and chunked paths concatenate them."""
+    """Attention on the CPU by whichever of SDPA's flash kernel, `chunked_attention`,
+    `strided_attention` and the project's own flash kernel (bf16 on CPUs with AVX-512 BF16)
+    measured fastest on this machine for this shape (aa_trt.autotune, once per machine).
+    k_ref/v_ref (1, m2, c): keys shared by every row after its own (reference attention); only
+    SDPA's path concatenates them."""
     from aa_trt import autotune
 
     n, d = q.shape[1], q.shape[2] // heads
     m = k.shape[1] + (0 if k_ref is None else k_ref.shape[1])
-    key = f"attention:v2:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
-    choice = autotune.choose(key, CPU_CHOICES, lambda: _attention_candidates(q, m, heads))
+    key = f"attention:v3:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+    names = CPU_CHOICES if _flash_supported(q, k, v, heads, k_ref, v_ref) else CPU_CHOICES[:-1]
+    choice = autotune.choose(key, names, lambda: _attention_candidates(q, m, heads))
+    if choice == "flash" and "flash" in names:  # (a forced choice may name it where it cannot run)
+        from aa_trt.kernels.cpu_flash_attention import flash_attention
+
+        return flash_attention(q, k, v, heads, k_ref, v_ref)
     if choice == "strided":
         return strided_attention(q, k, v, heads, k_ref, v_ref)
     if choice == "gemm":

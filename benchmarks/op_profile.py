@@ -28,7 +28,8 @@ import torch
 
 # Self time of these ops is the matrix work (oneDNN/MKL kernels) of convolutions and linear layers.
 GEMM_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
-            "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+            "aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+            "aten::addbmm", "aten::matmul", "aten::linear",
             "aten::_mkldnn_convolution", "aten::mkldnn_linear", "aten::_addmm_activation",
             "aten::_weight_int8pack_mm", "aten::einsum",
             "mkldnn::_linear_pointwise", "mkldnn::_convolution_pointwise"}
@@ -77,6 +78,10 @@ def summarize(prof) -> dict:
         copy_calls=sum(calls[k] for k in COPY_OPS), copy_bytes=copy_bytes,
         elementwise_calls=sum(calls[k] for k in ELEMENTWISE_OPS),
         top_ops=[dict(op=k, self_s=v / 1e6, share=v / total, calls=calls[k]) for k, v in top],
+        # where the time outside GEMMs and attention goes (what a fusion or kernel could remove)
+        outside_ops=[dict(op=k, self_s=v / 1e6, calls=calls[k]) for k, v in sorted(
+            ((k, v) for k, v in self_us.items() if k not in GEMM_OPS and k not in ATTENTION_OPS),
+            key=lambda kv: -kv[1])[:12]],
     )
 
 
@@ -208,6 +213,9 @@ def main(argv=None) -> int:
           f"elementwise calls: {result['elementwise_calls']}")
     for row in result["top_ops"]:
         print(f"  {row['op']:<55} {row['self_s']:7.3f} s {row['share']:6.1%} {row['calls']:6d} calls")
+    print("outside GEMMs and attention:")
+    for row in result["outside_ops"]:
+        print(f"  {row['op']:<55} {row['self_s']:7.3f} s {row['calls']:6d} calls")
     print(f"({result['machine']['cpu_model']}, {result['machine']['torch_threads']} threads, aa_trt from {result['aa_trt']})")
     return 0
 

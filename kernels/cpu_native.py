@@ -70,7 +70,9 @@ def build(target: Path, cc: str, sources: list[Path]) -> None:
         proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, sources), "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+            lines = proc.stderr.strip().splitlines()
+            first = next((ln.strip() for ln in lines if "error" in ln), lines[0].strip() if lines else "")
+            raise RuntimeError(f"{Path(cc).name} exited with {proc.returncode}: {first}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -115,3 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.aa_motion_attention.restype = I
     lib.aa_group_norm_silu_nhwc.argtypes = [P, P, P, P, L, L, L, L, F, I, I, I]
     lib.aa_group_norm_silu_nhwc.restype = I
+    lib.aa_flash_attention.argtypes = [P, L, L, P, L, L, P, L, L, P, L, P, L, P, L, L, L, L, L, L, L, L, F, I]
+    lib.aa_flash_attention.restype = I
+    lib.aa_flash_attention_available.argtypes = []
+    lib.aa_flash_attention_available.restype = I

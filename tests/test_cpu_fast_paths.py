@@ -202,6 +202,32 @@ def test_cpu_attention_runs_what_was_chosen(choice):
     assert torch.equal(got, want)
 
 
+def _flash_or_skip():
+    from aa_trt.kernels import cpu_flash_attention
+
+    if not cpu_flash_attention.available():
+        pytest.skip("the CPU flash kernel needs AVX-512 BF16 and a C compiler")
+
+
+def test_cpu_attention_runs_the_flash_kernel_when_chosen():
+    """bf16 on a CPU with AVX-512 BF16: "flash" runs kernels/cpu/flash_attention.c; where it cannot
+    (fp32), a forced "flash" falls back to SDPA."""
+    from aa_trt.kernels.cpu_flash_attention import flash_attention
+
+    _flash_or_skip()
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 32, generator=g).bfloat16() for n in (40, 60, 60))
+    k_ref, v_ref = (torch.randn(1, 20, 32, generator=g).bfloat16() for _ in range(2))
+    with autotune.override({"attention:": "flash"}), torch.no_grad():
+        got = attn_math.attention(q, k, v, 2)
+        got_ref = attn_math.reference_attention(q, k, v, k_ref, v_ref, 2, (False, True))
+        fp32 = attn_math.attention(q.float(), k.float(), v.float(), 2)
+    assert torch.equal(got, flash_attention(q, k, v, 2))
+    assert torch.equal(got_ref[1:], flash_attention(q[1:], k[1:], v[1:], 2, k_ref, v_ref))
+    assert torch.equal(got_ref[:1], flash_attention(q[:1], k[:1], v[:1], 2))
+    assert torch.equal(fp32, attn_math.sdpa_attention(q.float(), k.float(), v.float(), 2))
+
+
 @pytest.mark.parametrize("fn", ["strided", "chunked"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_gemm_attention_reads_packed_views_and_shared_keys(fn, dtype, tol):

@@ -138,3 +138,54 @@ def test_the_library_is_built_once_per_machine_and_reused(monkeypatch, tmp_path)
         assert cpu_native.library() is not None and built[0].stat().st_mtime_ns == stamp
     finally:
         cpu_native.library.cache_clear()
+
+
+# ---------------------------------------------------------------------------- flash attention
+needs_flash = pytest.mark.skipif(
+    cpu_native.library() is None or not __import__("aa_trt.kernels.cpu_flash_attention", fromlist=["x"]).available(),
+    reason="the CPU flash kernel needs a C compiler and a CPU with AVX-512 BF16")
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@needs_flash
+@pytest.mark.parametrize("b,n,m,m2,heads,d", [(2, 37, 50, 0, 2, 20), (1, 64, 64, 0, 8, 40), (2, 33, 17, 29, 3, 80),
+                                              (1, 16, 16, 0, 1, 160), (1, 5, 3, 0, 2, 6), (2, 70, 90, 40, 1, 256),
+                                              (3, 1, 1, 0, 4, 2)])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_flash_attention_matches_float64(b, n, m, m2, heads, d, scale):
+    """Against SDPA in float64 on the same bf16 values: within twice the error bf16 SDPA itself
+    makes (the probabilities are rounded to bf16 before the second product, as ATen's GEMM paths
+    do); scale 6 makes scores of +-50 and more, so the running maximum moves between key blocks."""
+    from aa_trt.kernels.cpu_flash_attention import flash_attention, flash_attention_reference
+
+    g = torch.Generator().manual_seed(b * 1000 + n + m)
+    c = heads * d
+    packed = (torch.randn(b, n, 3 * c, generator=g) * scale).bfloat16()  # q, k, v: column slices
+    q, k, v = packed[:, :, :c], packed[:, :m, c:2 * c] if m <= n else None, None
+    k = (torch.randn(b, m, c, generator=g) * scale).bfloat16() if k is None else k
+    v = torch.randn(b, m, c, generator=g).bfloat16()
+    k_ref = (torch.randn(1, m2, c, generator=g) * scale).bfloat16() if m2 else None
+    v_ref = torch.randn(1, m2, c, generator=g).bfloat16() if m2 else None
+    got = flash_attention(q, k, v, heads, k_ref, v_ref)
+    exact = flash_attention_reference(*(t if t is None else t.double() for t in (q, k, v)), heads,
+                                      None if k_ref is None else k_ref.double(),
+                                      None if v_ref is None else v_ref.double())
+    sdpa_bf16 = flash_attention_reference(q, k, v, heads, k_ref, v_ref, compute=torch.bfloat16)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert _rel(got, exact) <= 2 * _rel(sdpa_bf16, exact) + 1e-4
+
+
+def test_flash_attention_declines_what_it_cannot_take():
+    from aa_trt.kernels.cpu_flash_attention import supported
+
+    q = torch.randn(1, 8, 40).bfloat16()
+    assert not supported(q.float(), q.float(), q.float(), 2)  # fp32
+    assert not supported(torch.randn(1, 8, 30).bfloat16(), torch.randn(1, 8, 30).bfloat16(),
+                         torch.randn(1, 8, 30).bfloat16(), 2)  # head dim 15: odd
+    big = torch.randn(1, 4, 2 * 258).bfloat16()
+    assert not supported(big, big, big, 2)  # head dim 258 > 256
+    assert not supported(q, q, q, 2, torch.randn(1, 3, 40).bfloat16(), None)  # k_ref without v_ref
+    assert not supported(q, q.transpose(1, 2).contiguous().transpose(1, 2), q, 2)  # columns strided

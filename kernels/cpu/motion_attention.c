@@ -14,7 +14,7 @@
  *   bias (3, heads, n, d) contiguous, the dtype of qkv, or NULL.
  *   out  row r entry t at out + b*ob + p*op + t*on, c values (head-major within, as merged heads).
  *
- * Rows are split over `threads` POSIX threads (the caller passes torch's intra-op count).
+ * Rows are split over `threads` POSIX threads (parallel.h).
  * Plain C: the compiler vectorises the inner loops (over keys, over the head dim), and the
  * exponential is a branch-free polynomial so that those loops stay vectorisable.
  */
@@ -24,6 +24,7 @@
 #include <string.h>
 
 
+#include "parallel.h"
 #include "vec.h"
 
 typedef struct {
@@ -33,8 +34,6 @@ typedef struct {
     long P, n, c, heads;
     float scale;
     int dtype;
-    long r0, r1;
-    int status;
 } Task;
 
 /* One head of one row, transposed so that every vector runs over the queries (padded to np, a
@@ -89,20 +88,20 @@ static void head_any(const float *q, const float *k, const float *v, long c3, lo
     }
 }
 
-static void *run_rows(void *arg) {
-    Task *T = (Task *)arg;
+static int run_rows(void *ctx, long r0, long r1) {
+    const Task *T = (const Task *)ctx;
     const long n = T->n, c = T->c, c3 = 3 * c, heads = T->heads, d = c / heads;
     const size_t esize = T->dtype == AA_BF16 ? 2 : 4;
     const long nv = (n + VL - 1) / VL;
     /* vectors: qt (d, nv) | st (n, nv) | ot (nv); floats: x (n, 3c) | bias (n * 3c) | o (n, c) */
     size_t bytes = sizeof(vf) * (size_t)(d * nv + n * nv + nv) + sizeof(float) * (size_t)(2 * n * c3 + n * c);
     vf *qt = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!qt) { T->status = -1; return NULL; }
+    if (!qt) return -1;
     vf *st = qt + d * nv, *ot = st + n * nv;
     float *x = (float *)(ot + nv), *bias = x + n * c3, *o = bias + n * c3;
     memset(qt, 0, sizeof(vf) * (size_t)(d * nv));  /* the padding queries stay 0 */
     if (T->bias) row_to_f32(bias, T->bias, n * c3, T->dtype);  /* (3, heads, n, d), once per thread */
-    for (long r = T->r0; r < T->r1; r++) {
+    for (long r = r0; r < r1; r++) {
         const long b = r / T->P, p = r % T->P;
         const char *in = T->qkv + (size_t)(b * T->sb + p * T->sp) * esize;
         for (long t = 0; t < n; t++) row_to_f32(x + t * c3, in + (size_t)(t * T->sn) * esize, c3, T->dtype);
@@ -121,32 +120,14 @@ static void *run_rows(void *arg) {
         for (long t = 0; t < n; t++) row_from_f32(dst + (size_t)(t * T->on) * esize, o + t * c, c, T->dtype);
     }
     free(qt);
-    return NULL;
+    return 0;
 }
 
-/* Returns 0, or -1 when scratch memory or a thread could not be had (nothing is half-done then
- * except rows already written, which the caller discards). */
+/* Returns 0; -1 when scratch memory could not be had; -2 for arguments it does not take. */
 int aa_motion_attention(const void *qkv, long sb, long sp, long sn,
                         void *out, long ob, long op, long on, const void *bias,
                         long B, long P, long n, long c, long heads, float scale, int dtype, int threads) {
-    const long rows = B * P;
-    if (n < 1 || n > 2 * VL || c % heads) return -2;
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    Task tasks[256];
-    pthread_t ids[256];
-    if (threads > 256) threads = 256;
-    for (int i = 0; i < threads; i++) {
-        tasks[i] = (Task){(const char *)qkv, sb, sp, sn, (char *)out, ob, op, on, bias, P, n, c, heads,
-                          scale, dtype, rows * i / threads, rows * (i + 1) / threads, 0};
-    }
-    int started = 0, status = 0;
-    for (int i = 1; i < threads; i++) {
-        if (pthread_create(&ids[i], NULL, run_rows, &tasks[i]) != 0) { status = -1; break; }
-        started = i;
-    }
-    run_rows(&tasks[0]);
-    for (int i = 1; i <= started; i++) pthread_join(ids[i], NULL);
-    for (int i = 0; i < threads; i++) if (tasks[i].status) status = -1;
-    return status;
+    if (n < 1 || n > 2 * VL || heads < 1 || c % heads) return -2;
+    Task T = {(const char *)qkv, sb, sp, sn, (char *)out, ob, op, on, bias, P, n, c, heads, scale, dtype};
+    return aa_parallel_for(run_rows, &T, B * P, threads);
 }

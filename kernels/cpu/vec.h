@@ -7,6 +7,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 enum { AA_F32 = 0, AA_BF16 = 1 };
 
@@ -26,15 +29,6 @@ static inline uint16_t f32_to_bf16_bits(uint32_t u) {
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
-static inline void row_from_f32(void *dst, const float *src, long m, int dtype) {
-    if (dtype == AA_BF16) {
-        const uint32_t *s = (const uint32_t *)src;
-        uint16_t *d = (uint16_t *)dst;
-        for (long i = 0; i < m; i++) d[i] = f32_to_bf16_bits(s[i]);
-    } else {
-        memcpy(dst, src, (size_t)m * sizeof(float));
-    }
-}
 
 typedef float vf __attribute__((vector_size(64), aligned(64)));
 typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
@@ -67,6 +61,11 @@ static inline __attribute__((always_inline)) vf vload(const void *p, int dtype) 
 
 static inline __attribute__((always_inline)) void vstore(void *p, vf v, int dtype) {
     if (dtype == AA_BF16) {
+#ifdef __AVX512BF16__
+        __m256bh hb = _mm512_cvtneps_pbh((__m512)v);  /* one instruction: to nearest even, NaN quiet */
+        memcpy(p, &hb, sizeof hb);
+        return;
+#endif
         vi u = (vi)v;
         vi rounded = (vi)(((uint32_t __attribute__((vector_size(64))))u
                            + 0x7fffu + (((uint32_t __attribute__((vector_size(64))))u >> 16) & 1u)) >> 16);
@@ -76,6 +75,22 @@ static inline __attribute__((always_inline)) void vstore(void *p, vf v, int dtyp
         memcpy(p, &h, sizeof h);
     } else {
         memcpy(p, &v, sizeof v);
+    }
+}
+
+static inline void row_from_f32(void *dst, const float *src, long m, int dtype) {
+    if (dtype == AA_BF16) {
+        long i = 0;
+        for (; i + VL <= m; i += VL) {
+            vf v;
+            memcpy(&v, src + i, sizeof v);
+            vstore((uint16_t *)dst + i, v, AA_BF16);
+        }
+        const uint32_t *s = (const uint32_t *)src;
+        uint16_t *d = (uint16_t *)dst;
+        for (; i < m; i++) d[i] = f32_to_bf16_bits(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)m * sizeof(float));
     }
 }
 
@@ -93,11 +108,17 @@ static inline vf vexp_nonpositive(vf x) {
     return (vf)bits;
 }
 
-/* x * sigmoid(x) for any x: e^-|x| never overflows. */
+/* x * sigmoid(x) for any x: e^-|x| never overflows. 1 / (1 + e^-|x|), a number in [1/2, 1), by
+ * Newton's iteration from a linear first guess on [1, 2] (error 1/17, squared each step: three
+ * steps reach fp32 rounding) instead of a division, which is slow on some vector units. */
 static inline vf vsilu(vf x) {
     vi neg = x < 0.0f;
     vf z = vexp_nonpositive(vselect(neg, x, -x));  /* e^-|x| */
-    vf r = 1.0f / (1.0f + z);
+    vf y = 1.0f + z;
+    vf r = 24.0f / 17.0f - (8.0f / 17.0f) * y;  /* 1/y within 1/17 on [1, 2] */
+    r = r * (2.0f - y * r);
+    r = r * (2.0f - y * r);
+    r = r * (2.0f - y * r);
     return x * vselect(neg, z * r, r);
 }
 
