@@ -44,6 +44,15 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in Machine.detect().cpu_flags if f.startswith(keep))
 
 
+def _cpu_kernels() -> dict:
+    """Whether the project's CPU kernels (kernels/cpu/) built here, and the flash one with them."""
+    from aa_trt.kernels import cpu_flash_attention, cpu_native
+
+    lib = cpu_native.library()
+    return dict(built=lib is not None, why_not=cpu_native.why_not(),
+                flash_attention=lib is not None and cpu_flash_attention.available())
+
+
 def describe() -> dict:
     from aa_trt.precision import choose
 
@@ -63,6 +72,7 @@ def describe() -> dict:
         # under the same load, the absolute times and utilisation are not immune to it.
         loadavg_at_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         cuda=None,
+        cpu_kernels=_cpu_kernels(),
     )
     if torch.cuda.is_available():
         info["cuda"] = dict(device=torch.cuda.get_device_name(0), runtime=torch.version.cuda,
