@@ -119,5 +119,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.aa_group_norm_silu_nhwc.restype = I
     lib.aa_flash_attention.argtypes = [P, L, L, P, L, L, P, L, L, P, L, P, L, P, L, L, L, L, L, L, L, L, F, I]
     lib.aa_flash_attention.restype = I
+    lib.aa_layer_norm.argtypes = [P, P, P, P, L, L, F, I, I]
+    lib.aa_layer_norm.restype = I
     lib.aa_flash_attention_available.argtypes = []
     lib.aa_flash_attention_available.restype = I

@@ -189,3 +189,30 @@ def test_flash_attention_declines_what_it_cannot_take():
     assert not supported(big, big, big, 2)  # head dim 258 > 256
     assert not supported(q, q, q, 2, torch.randn(1, 3, 40).bfloat16(), None)  # k_ref without v_ref
     assert not supported(q, q.transpose(1, 2).contiguous().transpose(1, 2), q, 2)  # columns strided
+
+
+# ---------------------------------------------------------------------------- layer norm
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 160), (2, 3, 5, 320), (1, 16), (40, 1280)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_float64(dtype, shape, affine):
+    from aa_trt.kernels.cpu_layer_norm import layer_norm, layer_norm_reference, supported
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) * 3 + torch.randn(shape[-1], generator=g) * 10).to(dtype)
+    w = 1 + 0.3 * torch.randn(shape[-1], generator=g) if affine else None
+    b = torch.randn(shape[-1], generator=g) if affine else None
+    assert supported(x, w, b)
+    got = layer_norm(x, w, b, 1e-5)
+    exact = layer_norm_reference(x.double(), w, b, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    _check(got, exact, dtype)
+
+
+def test_layer_norm_declines_what_it_cannot_take():
+    from aa_trt.kernels.cpu_layer_norm import supported
+
+    assert not supported(torch.randn(4, 40), None, None)  # 40 % 16
+    assert not supported(torch.randn(40, 4).t(), None, None)  # not contiguous
+    assert not supported(torch.randn(4, 32), torch.randn(32).bfloat16(), None)  # weight not fp32
