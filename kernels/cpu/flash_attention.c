@@ -163,7 +163,7 @@ static int attend_items(void *ctx, long i0, long i1) {
                 for (long s = 0; s < nsub; s++) {
                     vf x;
                     memcpy(&x, S + i * KB + s * KS, sizeof x);
-                    pv[s] = vexp_nonpositive(x - vm);
+                    pv[s] = vexp_nonpositive_bf16(x - vm);  /* rounded to bf16 for the product */
                     sum += pv[s];
                 }
                 for (long s = nsub; s < KB / KS; s++) pv[s] = vsplat(0.0f);
