@@ -109,6 +109,31 @@ def test_int8_graph_matches_torch(built, specs, name):
 
 
 @needs_int8
+@pytest.mark.parametrize("name", int8.QUANTIZED)
+def test_motion_modules_stay_unquantized(built, specs, name):
+    """int8.UNQUANTIZED_NODES: the compiled graph runs the motion modules' matmuls in the build's
+    other precision, the spatial layers' in int8."""
+    import re
+
+    d, m, _ = built
+    spec = specs[name]
+    graph = ovb.OvGraph.load(d / m["openvino"]["graphs"][name]["file"],
+                             (tuple(spec.input_names), tuple(spec.output_names)), "int8", 1)
+    precision = {"motion": set(), "other": set()}
+    for n in graph.compiled.get_runtime_model().get_ordered_ops():
+        rt = n.get_rt_info()
+        if rt["layerType"].astype(str) not in ("FullyConnected", "Convolution"):
+            continue
+        first = rt["originalLayersNames"].astype(str).split(",")[0]
+        if "time_embedding" in first:
+            continue
+        kind = "motion" if any(re.match(p, first) for p in int8.UNQUANTIZED_NODES) else "other"
+        precision[kind].add(rt["runtimePrecision"].astype(str))
+    assert precision["motion"] and not precision["motion"] & {"i8", "u8"}, precision
+    assert precision["other"] & {"i8", "u8"}, precision
+
+
+@needs_int8
 def test_rebuild_reuses_int8_without_calibrating(built, ckpt, tmp_path):
     d, _, _ = built
     copy = tmp_path / "copy"
