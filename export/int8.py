@@ -204,10 +204,12 @@ def quantize(model, samples: list[dict[str, np.ndarray]]):
     Measured at sd15 half widths (random weights, 16 frames, 32x32 latents, calibrated on the
     bundled example's 4-step render; held out: the 4 steps of a render of random reference and
     pose frames, seed 1; relative L2 to torch fp32 per graph, cond / uncond, mean over the 4
-    steps; "frames": that render's frames, torch fp32 with the int8 graphs as its UNet, PSNR
-    against torch fp32; step: unet_cond call, bf16 / int8 time on the 2-core EPYC):
-      - everything quantized (the former scheme): 5.0% / 5.8%, frames 29.9 dB, step 1.42x;
-      - the motion modules unquantized: 4.7% / 5.5%, frames 30.8 dB, step 1.21x (chosen);
+    steps (benchmarks/int8_proxy.py); "frames": that render's frames, torch fp32 with the int8
+    graphs as its UNet, PSNR against torch fp32; step: unet_cond call, bf16 / int8 time on the
+    2-core EPYC, three runs on a shared machine):
+      - everything quantized (the former scheme): 5.0% / 5.8%, frames 29.9 dB, step 1.23-1.42x;
+      - the motion modules unquantized: 4.7% / 5.5%, frames 30.8 dB, step 1.08-1.25x (chosen;
+        benchmarks/test_int8_speed.py: frames 30.7 dB, step 1.26x);
       - SmoothQuant off: 5.2% / 6.6%; activation ranges the global min/max: 5.1% / 6.0%
         (frames 30.0 dB); the attention's activation x activation MatMuls unquantized: 5.0% / 5.8%.
     What limits it: every activation quantizer taken out of the quantized uncond graph (its int8
