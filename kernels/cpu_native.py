@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "cpu"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-strict-aliasing", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-strict-aliasing", "-fPIC", "-shared", "-fopenmp")
 _why: list[str] = []
 
 

@@ -10,7 +10,6 @@
  * C must be a multiple of 16. Weight and bias: C values in x's dtype, or NULL
  * (1 and 0). */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

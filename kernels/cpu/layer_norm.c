@@ -4,7 +4,7 @@
  * scratch row while summed, the mean, the sum of squared deviations from it (two passes over the
  * row in cache: no cancellation), then y = (x - mean) * rstd * w + b rounded once. ATen's bf16
  * LayerNorm pays a per-row set-up that dominates rows of 160-640 channels. Rows are split over
- * `threads` POSIX threads (parallel.h). */
+ * `threads` threads (parallel.h). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -14,11 +14,10 @@
  *   bias (3, heads, n, d) contiguous, the dtype of qkv, or NULL.
  *   out  row r entry t at out + b*ob + p*op + t*on, c values (head-major within, as merged heads).
  *
- * Rows are split over `threads` POSIX threads (parallel.h).
+ * Rows are split over `threads` threads (parallel.h).
  * Plain C: the compiler vectorises the inner loops (over keys, over the head dim), and the
  * exponential is a branch-free polynomial so that those loops stay vectorisable.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
