@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from aa_trt import attention as attn_math
 from aa_trt.kernels import cpu_native
 
-from .timing import PER_ROUND, compare
+from .timing import PER_ROUND, compare, timed
 
 if cpu_native.library() is None:
     pytest.skip(f"the CPU kernels did not build here: {cpu_native.why_not()}", allow_module_level=True)
@@ -88,7 +88,7 @@ def test_flash_attention(benchmark, rounds, record, c, side):
     for name, fn in (("sdpa", attn_math.sdpa_attention), ("gemm", attn_math.chunked_attention),
                      ("strided", attn_math.strided_attention)):
         fn(q, k, v, heads)
-        timings[name] = min(_once(lambda fn=fn: fn(q, k, v, heads)) for _ in range(3))
+        timings[name] = min(timed(lambda fn=fn: fn(q, k, v, heads)) for _ in range(3))
     best = min(timings, key=timings.get)
     aten = {"sdpa": attn_math.sdpa_attention, "gemm": attn_math.chunked_attention,
             "strided": attn_math.strided_attention}[best]
@@ -96,10 +96,3 @@ def test_flash_attention(benchmark, rounds, record, c, side):
     _report(record, benchmark, f"self-attention, {ROWS}x{n} tokens, {heads} heads of {c // heads}, "
             f"against ATen's fastest here ({best})", t, aten_times=timings)
 
-
-def _once(fn) -> float:
-    import time
-
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

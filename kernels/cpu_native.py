@@ -41,8 +41,9 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("AA_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aa-trt"
-    return Path(root) / "native"
+    from aa_trt.autotune import cache_file
+
+    return cache_file().parent / "native"  # beside the measured choices, under $AA_TRT_CACHE
 
 
 def _key(cc: str, sources: list[Path]) -> str:
