@@ -399,41 +399,46 @@ def _attention_candidates(q, m, heads):
     work = {"sdpa": lambda: sdpa_attention(qq, kk, vv, heads),
             "gemm": lambda: chunked_attention(qq, kk, vv, heads),
             "strided": lambda: strided_attention(qq, kk, vv, heads)}
-    if _flash_supported(qq, kk, vv, heads):
+    for name in _kernel_choices(qq, kk, vv, heads):
         from aa_trt.kernels.cpu_flash_attention import flash_attention
 
-        work["flash"] = lambda: flash_attention(qq, kk, vv, heads)
+        work[name] = lambda tiles=name == "amx": flash_attention(qq, kk, vv, heads, tiles=tiles)
     return work
 
 
-# "flash": the project's C kernel (kernels/cpu/flash_attention.c), where it builds for this CPU.
-CPU_CHOICES = ("sdpa", "gemm", "strided", "flash")
+# "flash" and "amx": the project's C kernel (kernels/cpu/flash_attention.c and its AMX build,
+# flash_attention_amx.c), each where it builds and runs on this CPU.
+CPU_CHOICES = ("sdpa", "gemm", "strided", "flash", "amx")
 
 
-def _flash_supported(q, k, v, heads, k_ref=None, v_ref=None) -> bool:
+def _kernel_choices(q, k, v, heads, k_ref=None, v_ref=None) -> tuple[str, ...]:
+    """Which of the C kernel's builds take these arguments here: () on CPUs without AVX-512 BF16."""
     from aa_trt.kernels import cpu_flash_attention
 
-    return cpu_flash_attention.supported(q, k, v, heads, k_ref, v_ref)
+    return tuple(name for name in CPU_CHOICES[3:]
+                 if cpu_flash_attention.supported(q, k, v, heads, k_ref, v_ref, tiles=name == "amx"))
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                   k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> torch.Tensor:
     """Attention on the CPU by whichever of SDPA's flash kernel, `chunked_attention`,
-    `strided_attention` and the project's own flash kernel (bf16 on CPUs with AVX-512 BF16)
-    measured fastest on this machine for this shape (aa_trt.autotune, once per machine).
+    `strided_attention` and the project's own flash kernel (bf16 on CPUs with AVX-512 BF16; its
+    AMX build where the CPU has AMX-BF16) measured fastest on this machine for this shape
+    (aa_trt.autotune, once per machine).
     k_ref/v_ref (1, m2, c): keys shared by every row after its own (reference attention); only
     SDPA's path concatenates them."""
     from aa_trt import autotune
 
     n, d = q.shape[1], q.shape[2] // heads
     m = k.shape[1] + (0 if k_ref is None else k_ref.shape[1])
-    key = f"attention:v3:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
-    names = CPU_CHOICES if _flash_supported(q, k, v, heads, k_ref, v_ref) else CPU_CHOICES[:-1]
+    key = f"attention:v4:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+    kernels = _kernel_choices(q, k, v, heads, k_ref, v_ref)
+    names = CPU_CHOICES[:3] + kernels
     choice = autotune.choose(key, names, lambda: _attention_candidates(q, m, heads))
-    if choice == "flash" and "flash" in names:  # (a forced choice may name it where it cannot run)
+    if choice in kernels:  # (a forced choice may name a build that cannot run here)
         from aa_trt.kernels.cpu_flash_attention import flash_attention
 
-        return flash_attention(q, k, v, heads, k_ref, v_ref)
+        return flash_attention(q, k, v, heads, k_ref, v_ref, tiles=choice == "amx")
     if choice == "strided":
         return strided_attention(q, k, v, heads, k_ref, v_ref)
     if choice == "gemm":

@@ -50,7 +50,8 @@ def _cpu_kernels() -> dict:
 
     lib = cpu_native.library()
     return dict(built=lib is not None, why_not=cpu_native.why_not(),
-                flash_attention=lib is not None and cpu_flash_attention.available())
+                flash_attention=lib is not None and cpu_flash_attention.available(),
+                flash_attention_amx=lib is not None and cpu_flash_attention.available(tiles=True))
 
 
 def describe() -> dict:

@@ -6,8 +6,8 @@ latents, two CFG rows), round by round in the same run (benchmarks/timing.compar
   level, against `attention._packed_aten` (head-major copy, batched GEMMs, softmax);
 - GroupNorm + SiLU on channels-last images, per level, against F.group_norm + F.silu_;
 - LayerNorm rows, per width, against ATen's mixed-precision LayerNorm (fp32 affine);
-- flash attention, per level's spatial self-attention, against the fastest ATen composition
-  measured here (SDPA's flash kernel, chunked or strided GEMMs); `test_cpu_rate.py` has its share of
+- flash attention (its AVX-512 BF16 build, and its AMX build where the CPU has AMX-BF16), per
+  level's spatial self-attention, against the fastest ATen composition measured here (SDPA's flash kernel, chunked or strided GEMMs); `test_cpu_rate.py` has its share of
   the bf16 matmul rate at sd15's own shapes.
 
     pytest benchmarks/test_cpu_kernels.py --bench-rounds 5
@@ -75,12 +75,13 @@ def test_layer_norm(benchmark, rounds, record, c, side):
     _report(record, benchmark, f"LayerNorm, {x.shape[0]} rows of {c}", t)
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("c,side", LEVELS[:3], ids=lambda v: str(v))
-def test_flash_attention(benchmark, rounds, record, c, side):
+def test_flash_attention(benchmark, rounds, record, c, side, tiles):
     from aa_trt.kernels.cpu_flash_attention import available, flash_attention
 
-    if not available():
-        pytest.skip("the flash kernel needs AVX-512 BF16")
+    if not available(tiles=tiles):
+        pytest.skip("the flash kernel needs AVX-512 BF16" + (" and AMX-BF16 (its AMX build)" if tiles else ""))
     heads, n = 8, side * side
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(ROWS, n, c, generator=g).bfloat16() for _ in range(3))
@@ -92,7 +93,6 @@ def test_flash_attention(benchmark, rounds, record, c, side):
     best = min(timings, key=timings.get)
     aten = {"sdpa": attn_math.sdpa_attention, "gemm": attn_math.chunked_attention,
             "strided": attn_math.strided_attention}[best]
-    t = compare(benchmark, lambda: flash_attention(q, k, v, heads), lambda: aten(q, k, v, heads), rounds)
-    _report(record, benchmark, f"self-attention, {ROWS}x{n} tokens, {heads} heads of {c // heads}, "
-            f"against ATen's fastest here ({best})", t, aten_times=timings)
-
+    t = compare(benchmark, lambda: flash_attention(q, k, v, heads, tiles=tiles), lambda: aten(q, k, v, heads), rounds)
+    _report(record, benchmark, f"self-attention{' (AMX build)' if tiles else ''}, {ROWS}x{n} tokens, "
+            f"{heads} heads of {c // heads}, against ATen's fastest here ({best})", t, aten_times=timings)

@@ -1,6 +1,8 @@
-"""Attention on bf16 CPU tokens in one pass over the keys (kernels/cpu/flash_attention.c: AVX-512
-BF16 dot products, online softmax), as the op `aa_trt::attention` (profiles count it as attention);
-its plain reference with the same signature is `flash_attention_reference`.
+"""Attention on bf16 CPU tokens in one pass over the keys, as the op `aa_trt::attention` (profiles
+count it as attention), in two builds: kernels/cpu/flash_attention.c (AVX-512 BF16 dot products,
+online softmax) and, with `tiles=True`, kernels/cpu/flash_attention_amx.c (both products on the AMX
+tiles, the softmax on AVX-512). Their plain reference with the same signature is
+`flash_attention_reference`.
 
     q (b, n, c), k/v (b, m, c): bf16, heads of d = c / heads columns (d even, <= 256); any row
     stride, columns contiguous (column slices of one packed projection read in place).
@@ -23,10 +25,13 @@ MAX_HEAD_DIM = 256
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the library loaded and was built for a CPU with AVX-512 BF16."""
+def available(tiles: bool = False) -> bool:
+    """Whether the library loaded and was built for a CPU with AVX-512 BF16 (tiles: with AMX-BF16,
+    and the OS granted this process the tile state)."""
     lib = cpu_native.library()
-    return lib is not None and bool(lib.aa_flash_attention_available())
+    if lib is None:
+        return False
+    return bool(lib.aa_flash_attention_amx_available() if tiles else lib.aa_flash_attention_available())
 
 
 def _rows_ok(t: torch.Tensor, c: int) -> bool:
@@ -34,7 +39,7 @@ def _rows_ok(t: torch.Tensor, c: int) -> bool:
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> bool:
+              k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None, tiles: bool = False) -> bool:
     """Whether the kernel takes these arguments on this machine."""
     c = q.shape[-1]
     if heads < 1 or c % heads or (c // heads) % 2 or c // heads > MAX_HEAD_DIM:
@@ -46,17 +51,18 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     if k_ref is not None and not (_rows_ok(k_ref, c) and _rows_ok(v_ref, c) and k_ref.shape == v_ref.shape
                                   and k_ref.shape[0] == 1):
         return False
-    return min(q.shape[0], q.shape[1], k.shape[1]) > 0 and available()
+    return min(q.shape[0], q.shape[1], k.shape[1]) > 0 and available(tiles)
 
 
 @torch.library.custom_op("aa_trt::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                  k_ref: torch.Tensor | None, v_ref: torch.Tensor | None) -> torch.Tensor:
+                  k_ref: torch.Tensor | None, v_ref: torch.Tensor | None, tiles: bool) -> torch.Tensor:
     b, n, c = q.shape
     m = k.shape[1]
     m2 = 0 if k_ref is None else k_ref.shape[1]
     out = torch.empty((b, n, c), dtype=q.dtype)
-    status = cpu_native.library().aa_flash_attention(
+    lib = cpu_native.library()
+    status = (lib.aa_flash_attention_amx if tiles else lib.aa_flash_attention)(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1),
         None if k_ref is None else k_ref.data_ptr(), 0 if k_ref is None else k_ref.stride(1),
@@ -69,14 +75,15 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
 
 
 @_attention_op.register_fake
-def _(q, k, v, heads, k_ref, v_ref):
+def _(q, k, v, heads, k_ref, v_ref, tiles):
     return q.new_empty(q.shape)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                    k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> torch.Tensor:
-    """The C kernel (see module docstring); callers check `supported` first."""
-    return _attention_op(q, k, v, heads, k_ref, v_ref)
+                    k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None,
+                    tiles: bool = False) -> torch.Tensor:
+    """The C kernel (see module docstring; tiles: the AMX build); callers check `supported` first."""
+    return _attention_op(q, k, v, heads, k_ref, v_ref, tiles)
 
 
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

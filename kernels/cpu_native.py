@@ -124,3 +124,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.aa_layer_norm.restype = I
     lib.aa_flash_attention_available.argtypes = []
     lib.aa_flash_attention_available.restype = I
+    lib.aa_flash_attention_amx.argtypes = lib.aa_flash_attention.argtypes
+    lib.aa_flash_attention_amx.restype = I
+    lib.aa_flash_attention_amx_available.argtypes = []
+    lib.aa_flash_attention_amx_available.restype = I

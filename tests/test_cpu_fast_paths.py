@@ -212,29 +212,33 @@ def test_cpu_attention_runs_what_was_chosen(choice):
     assert torch.equal(got, want)
 
 
-def _flash_or_skip():
+def _flash_or_skip(tiles: bool = False):
     from aa_trt.kernels import cpu_flash_attention
 
     if not cpu_flash_attention.available():
         pytest.skip("the CPU flash kernel needs AVX-512 BF16 and a C compiler")
+    if tiles and not cpu_flash_attention.available(tiles=True):
+        pytest.skip("the flash kernel's AMX build needs a CPU with AMX-BF16 and a kernel granting the tile state")
 
 
-def test_cpu_attention_runs_the_flash_kernel_when_chosen():
-    """bf16 on a CPU with AVX-512 BF16: "flash" runs kernels/cpu/flash_attention.c; where it cannot
-    (fp32), a forced "flash" falls back to SDPA."""
+@pytest.mark.parametrize("choice", ["flash", "amx"])
+def test_cpu_attention_runs_the_flash_kernel_when_chosen(choice):
+    """bf16 on a CPU with AVX-512 BF16: "flash" runs kernels/cpu/flash_attention.c ("amx": its AMX
+    build, flash_attention_amx.c); where it cannot (fp32), a forced choice falls back to SDPA."""
     from aa_trt.kernels.cpu_flash_attention import flash_attention
 
-    _flash_or_skip()
+    tiles = choice == "amx"
+    _flash_or_skip(tiles)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, n, 32, generator=g).bfloat16() for n in (40, 60, 60))
     k_ref, v_ref = (torch.randn(1, 20, 32, generator=g).bfloat16() for _ in range(2))
-    with autotune.override({"attention:": "flash"}), torch.no_grad():
+    with autotune.override({"attention:": choice}), torch.no_grad():
         got = attn_math.attention(q, k, v, 2)
         got_ref = attn_math.reference_attention(q, k, v, k_ref, v_ref, 2, (False, True))
         fp32 = attn_math.attention(q.float(), k.float(), v.float(), 2)
-    assert torch.equal(got, flash_attention(q, k, v, 2))
-    assert torch.equal(got_ref[1:], flash_attention(q[1:], k[1:], v[1:], 2, k_ref, v_ref))
-    assert torch.equal(got_ref[:1], flash_attention(q[:1], k[:1], v[:1], 2))
+    assert torch.equal(got, flash_attention(q, k, v, 2, tiles=tiles))
+    assert torch.equal(got_ref[1:], flash_attention(q[1:], k[1:], v[1:], 2, k_ref, v_ref, tiles=tiles))
+    assert torch.equal(got_ref[:1], flash_attention(q[:1], k[:1], v[:1], 2, tiles=tiles))
     assert torch.equal(fp32, attn_math.sdpa_attention(q.float(), k.float(), v.float(), 2))
 
 

@@ -150,16 +150,29 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _tiles_or_skip(tiles: bool) -> None:
+    from aa_trt.kernels.cpu_flash_attention import available
+
+    if tiles and not available(tiles=True):
+        pytest.skip("the AMX build of the flash kernel needs a CPU with AMX-BF16 (amx_bf16 in /proc/cpuinfo), "
+                    "a compiler that targets it and a Linux kernel that grants the tile state")
+
+
 @needs_flash
 @pytest.mark.parametrize("b,n,m,m2,heads,d", [(2, 37, 50, 0, 2, 20), (1, 64, 64, 0, 8, 40), (2, 33, 17, 29, 3, 80),
                                               (1, 16, 16, 0, 1, 160), (1, 5, 3, 0, 2, 6), (2, 70, 90, 40, 1, 256),
-                                              (3, 1, 1, 0, 4, 2)])
+                                              (3, 1, 1, 0, 4, 2), (1, 300, 200, 140, 2, 48)])
 @pytest.mark.parametrize("scale", [1.0, 6.0])
-def test_flash_attention_matches_float64(b, n, m, m2, heads, d, scale):
+@pytest.mark.parametrize("tiles", [False, True], ids=["avx512", "amx"])
+def test_flash_attention_matches_float64(b, n, m, m2, heads, d, scale, tiles):
     """Against SDPA in float64 on the same bf16 values: within twice the error bf16 SDPA itself
     makes (the probabilities are rounded to bf16 before the second product, as ATen's GEMM paths
-    do); scale 6 makes scores of +-50 and more, so the running maximum moves between key blocks."""
+    do); scale 6 makes scores of +-50 and more, so the running maximum moves between key blocks.
+    Both builds: AVX-512 BF16 dot products and AMX tiles (query groups past 128 rows, keys past
+    one 128-key block, padding of d and of the keys all met by the shapes above)."""
     from aa_trt.kernels.cpu_flash_attention import flash_attention, flash_attention_reference
+
+    _tiles_or_skip(tiles)
 
     g = torch.Generator().manual_seed(b * 1000 + n + m)
     c = heads * d
@@ -169,7 +182,7 @@ def test_flash_attention_matches_float64(b, n, m, m2, heads, d, scale):
     v = torch.randn(b, m, c, generator=g).bfloat16()
     k_ref = (torch.randn(1, m2, c, generator=g) * scale).bfloat16() if m2 else None
     v_ref = torch.randn(1, m2, c, generator=g).bfloat16() if m2 else None
-    got = flash_attention(q, k, v, heads, k_ref, v_ref)
+    got = flash_attention(q, k, v, heads, k_ref, v_ref, tiles=tiles)
     exact = flash_attention_reference(*(t if t is None else t.double() for t in (q, k, v)), heads,
                                       None if k_ref is None else k_ref.double(),
                                       None if v_ref is None else v_ref.double())
@@ -178,8 +191,12 @@ def test_flash_attention_matches_float64(b, n, m, m2, heads, d, scale):
     assert _rel(got, exact) <= 2 * _rel(sdpa_bf16, exact) + 1e-4
 
 
-def test_flash_attention_declines_what_it_cannot_take():
-    from aa_trt.kernels.cpu_flash_attention import supported
+@pytest.mark.parametrize("tiles", [False, True], ids=["avx512", "amx"])
+def test_flash_attention_declines_what_it_cannot_take(tiles):
+    from aa_trt.kernels.cpu_flash_attention import supported as supported_any
+
+    def supported(*args):
+        return supported_any(*args, tiles=tiles)
 
     q = torch.randn(1, 8, 40).bfloat16()
     assert not supported(q.float(), q.float(), q.float(), 2)  # fp32
