@@ -419,6 +419,11 @@ def _kernel_choices(q, k, v, heads, k_ref=None, v_ref=None) -> tuple[str, ...]:
                  if cpu_flash_attention.supported(q, k, v, heads, k_ref, v_ref, tiles=name == "amx"))
 
 
+def cpu_attention_key(dtype: torch.dtype, n: int, m: int, heads: int, d: int) -> str:
+    """The measured choice's key for n queries over m keys (a results file reads it back)."""
+    return f"attention:v4:{str(dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                   k_ref: torch.Tensor | None = None, v_ref: torch.Tensor | None = None) -> torch.Tensor:
     """Attention on the CPU by whichever of SDPA's flash kernel, `chunked_attention`,
@@ -431,7 +436,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
 
     n, d = q.shape[1], q.shape[2] // heads
     m = k.shape[1] + (0 if k_ref is None else k_ref.shape[1])
-    key = f"attention:v4:{str(q.dtype).removeprefix('torch.')}:n{n}:m{m}:h{heads}:d{d}"
+    key = cpu_attention_key(q.dtype, n, m, heads, d)
     kernels = _kernel_choices(q, k, v, heads, k_ref, v_ref)
     names = CPU_CHOICES[:3] + kernels
     choice = autotune.choose(key, names, lambda: _attention_candidates(q, m, heads))

@@ -83,12 +83,16 @@ def entry() -> int:
     all: during the run, and once more at interpreter exit. Frozen (gc.freeze: moved to a
     generation the collector never visits), they are still freed as usual, but not walked: the
     README command's 5-step preset measured 3.93 -> 3.63 s whole-process on 2 AMD EPYC cores
-    (docs/performance.md, "Start-up and exit"). Only the process's own entry does this: a program calling `main` many
-    times keeps its collector as it was."""
+    (docs/performance.md, "Start-up and exit"). Likewise malloc is set to keep freed memory for
+    reuse (aa_trt.host_memory). Only the process's own entry does these: a program calling `main`
+    many times keeps its collector and allocator as they were."""
     import gc
 
     args = build_parser().parse_args()
     if getattr(args.func, "imports_torch", False):  # not `pose`, `data synth` or `data prepare`
+        from aa_trt.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # large freed tensors reused, not unmapped and faulted in again
         import torch  # noqa: F401  (the command's first import: done here, so that it is frozen)
         gc.freeze()
     rc = dispatch(args)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -174,6 +176,17 @@ def decode_work(anim, frames: int = 8, size: int = 256):
 WORK = {"unet": unet_call_work, "steps": steps_work, "decode": decode_work}
 
 
+def keep_freed_memory() -> bool:
+    """malloc set as `aa-trt`'s own process sets it (aa_trt/host_memory.py), taken from this file's
+    checkout whichever aa_trt the process imports: a baseline tree's process gets the same
+    allocator, so the comparison is of the code alone."""
+    spec = importlib.util.spec_from_file_location(
+        "_aa_trt_host_memory", Path(__file__).resolve().parents[1] / "aa_trt" / "host_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.keep_freed_memory()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.op_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=sorted(WORK), default="unet")
@@ -187,6 +200,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()
     import aa_trt
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -202,7 +216,8 @@ def main(argv=None) -> int:
         result = profile(WORK[args.what](anim, **kw))
     from benchmarks.machine import describe
 
-    result.update(what=args.what, dtype=args.dtype, aa_trt=aa_trt.__file__, machine=describe(), **kw)
+    result.update(what=args.what, dtype=args.dtype, aa_trt=aa_trt.__file__, machine=describe(),
+                  keep_freed_memory=kept, **kw)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -182,7 +182,7 @@ def test_attention_rate(shape, record):
         ours_s = _best(lambda: attn_math.attention(q, k, v, heads), reps=2)
         exact = attn_math.sdpa_attention(q.float(), k.float(), v.float(), heads)
         err = ((attn_math.attention(q, k, v, heads).float() - exact).norm() / exact.norm()).item()
-    key = next((c for kk, c in autotune.chosen().items() if kk.endswith(f"n{n}:m{m}:h{heads}:d{d}")), "?")
+    key = autotune.chosen().get(attn_math.cpu_attention_key(q.dtype, n, m, heads, d), "?")
     record(f"attention {name} ({rows}x{n} queries, {m} keys, bf16): share of the bf16 matmul rate, "
            f"chosen = {key}", flops / ours_s / rate, "fraction", baseline=flops / sdpa_s / rate,
            ratio=sdpa_s / ours_s, ratio_of="SDPA flash / aa-trt: x faster",

@@ -68,7 +68,8 @@ def test_motion_attention_declines_what_it_cannot_take():
 
 @needs_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,groups", [((3, 64, 9, 7), 32), ((2, 48, 5, 5), 3), ((4, 32, 2, 1), 8), ((1, 160, 16, 16), 32)])
+@pytest.mark.parametrize("shape,groups", [((3, 64, 9, 7), 32), ((2, 48, 5, 5), 3), ((4, 32, 2, 1), 8), ((1, 160, 16, 16), 32),
+                                          ((2, 32, 47, 61), 8)])  # the last: statistics over 7 uneven pixel chunks
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_silu_matches_float64(dtype, shape, groups, silu, affine):

@@ -261,6 +261,9 @@ static int attend_heads(void *ctx, long i0, long i1) {
     uint16_t *P = (uint16_t *)(mg + QS * QT), *qg = P + QT * KB;
     const float c = A->scale * 1.44269504088896341f;  /* scores to base-2 exponents */
     const long nqt = (A->N + QT - 1) / QT;
+    /* The thread's tile configuration is left as found (oneDNN's kernels configure lazily). */
+    TileConfig found;
+    _tile_storeconfig(&found);
     tiles_configure();
     for (long item = i0; item < i1; item++) {
         const long b = item / A->H, h = item % A->H;
@@ -323,7 +326,8 @@ static int attend_heads(void *ctx, long i0, long i1) {
             }
         }
     }
-    _tile_release();
+    if (found.palette) _tile_loadconfig(&found);
+    else _tile_release();
     free(mem);
     return 0;
 }
