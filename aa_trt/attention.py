@@ -581,7 +581,7 @@ def _native_group_norm_chosen(x: torch.Tensor, num_groups: int, weight: torch.Te
     if not native.supported(x, num_groups, weight, bias):
         return False
     n, c, h, w = x.shape
-    key = f"group_norm_silu:{str(x.dtype).removeprefix('torch.')}:c{c}:{h}x{w}:g{num_groups}:s{int(silu)}"
+    key = f"group_norm_silu:v2:{str(x.dtype).removeprefix('torch.')}:c{c}:{h}x{w}:g{num_groups}:s{int(silu)}"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
