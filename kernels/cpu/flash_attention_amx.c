@@ -96,7 +96,9 @@ static void pack_head(const FA *A, long b, long h, uint32_t *kp, uint32_t *vp) {
             kdst[(e2 / 16) * 256 + (e2 % 16) * 16] = pair;
         }
     }
-    /* Two keys' values interleaved 16 bits at a time, 16 dims (one output row) per step. */
+    /* Two keys' values interleaved 16 bits at a time, 16 dims (one output row) per step. Where d
+     * leaves padding in its last 16-dim tile, column d of every real key is 1: the product then
+     * sums each query's (rounded) probabilities in its output's column d, rescaled with it. */
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     for (long t = 0; t < A->T; t += 2) {
@@ -112,19 +114,24 @@ static void pack_head(const FA *A, long b, long h, uint32_t *kp, uint32_t *vp) {
             _mm256_storeu_si256((__m256i *)(vdst + (e / 16) * 256) + 1,
                                 _mm512_extracti64x4_epi64(_mm512_permutex2var_epi16(a, lo, c), 1));
         }
+        if (d % 16) {
+            uint16_t *ones = (uint16_t *)(vdst + (d / 16) * 256 + d % 16);
+            ones[0] = 0x3f80;                     /* key t */
+            if (t + 1 < A->T) ones[1] = 0x3f80;   /* key t + 1 */
+        }
     }
 }
 
-/* 2^t for t <= 0 (t may be -1e30: the result is then 0), relative error < 5e-5: enough for a
- * value rounded to bf16 (2^-9) next. */
+/* 2^t for t <= 0 (t may be -1e30: the result is then 0), relative error < 8e-5: enough for a
+ * value rounded to bf16 (2^-9) next. vreduceps gives f = t - floor(t) in [0, 1) in one step and
+ * vscalefps multiplies by 2^floor(t) itself, so the range reduction costs two instructions; 2^f
+ * by a degree-3 polynomial fitted (relative error) on [0, 1). */
 static inline __m512 exp2_for_bf16(__m512 t) {
-    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, k);  /* [-1/2, 1/2] */
-    __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0096181291f), _mm512_set1_ps(0.0555041087f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265070f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471806f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, k);
+    const __m512 f = _mm512_reduce_ps(t, 0x09);  /* t - floor(t), no precision exception */
+    __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.07802444f), _mm512_set1_ps(0.22606727f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69583350f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992520f));
+    return _mm512_scalef_ps(p, t);
 }
 
 /* 2^t for t <= 0 to fp32 accuracy (relative error < 2e-7): the factor that rescales the running
@@ -213,11 +220,11 @@ static inline __m512 exp2_accurate(__m512 t) {
     } while (0)
 
 /* One query tile's softmax over a block of kb keys (S: 16 x kb raw scores): its running maxima
- * m (16), per-lane running sums l (16 x 16: reduced once at the end) and the factor alpha (16)
- * that rescales its earlier output; P (16 x kb) the probabilities rounded to bf16. c turns a raw
- * score into a base-2 exponent (scale * log2 e). */
+ * m (16), per-lane running sums l (16 x 16: reduced once at the end; only if `sums`) and the
+ * factor alpha (16) that rescales its earlier output; P (16 x kb) the probabilities rounded to
+ * bf16. c turns a raw score into a base-2 exponent (scale * log2 e). */
 static inline void softmax_block(const float *S, uint16_t *P, long kb, float c, float *m, float *l,
-                                 float *alpha) {
+                                 float *alpha, const int sums) {
     float m_new[QT];
     for (int i = 0; i < QT; i++) {
         const float *s = S + i * kb;
@@ -236,9 +243,10 @@ static inline void softmax_block(const float *S, uint16_t *P, long kb, float c, 
             const __m512 p0 = exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vc, shift));
             const __m512 p1 = exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), vc, shift));
             _mm512_storeu_si512(P + i * kb + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-            sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+            if (sums) sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         }
-        _mm512_storeu_ps(l + i * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + i * 16), _mm512_set1_ps(alpha[i]), sum));
+        if (sums)
+            _mm512_storeu_ps(l + i * 16, _mm512_fmadd_ps(_mm512_loadu_ps(l + i * 16), _mm512_set1_ps(alpha[i]), sum));
     }
 }
 
@@ -292,7 +300,7 @@ static int attend_heads(void *ctx, long i0, long i1) {
                     if (valid < kb)
                         for (int i = 0; i < QT; i++)
                             for (long j = valid; j < kb; j++) S[i * kb + j] = -1e30f;
-                    softmax_block(S, P, kb, c, mg + g * QT, lg + g * QT * 16, alpha);
+                    softmax_block(S, P, kb, c, mg + g * QT, lg + g * QT * 16, alpha, !(d % 16));
                     for (long e0 = 0; e0 < ndt; e0 += 4) {
                         const long nt = ndt - e0 < 4 ? ndt - e0 : 4;
                         const int split = ndt <= 2;  /* kb is a multiple of 64: chunks come in pairs */
@@ -320,7 +328,7 @@ static int attend_heads(void *ctx, long i0, long i1) {
             for (long i = 0; i < ng * QT && (g0 * QT + i) < A->N; i++) {
                 uint16_t *dst = A->out + b * A->ob + (g0 * QT + i) * A->on + h * d;
                 float *o = Og + i * NE;
-                const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(lg + i * 16));
+                const float inv = 1.0f / (d % 16 ? o[d] : _mm512_reduce_add_ps(_mm512_loadu_ps(lg + i * 16)));
                 for (long e = 0; e < d; e++) o[e] *= inv;
                 row_from_f32(dst, o, d, AA_BF16);
             }
