@@ -10,13 +10,16 @@
  *      every query tile of that head), into the tile layouts: k as [16-key tile][32-dim chunk]
  *      16 x 16 dim pairs (the "B" operand of q k^T), v as [32-key chunk][16-dim tile] 16 x 16
  *      key pairs (the "B" operand of p v); d zero-padded to 32s, keys to 64s;
- *   2. per (row, head, 16 queries), for every block of up to 256 keys: the 16 x 256 raw scores
- *      from the tiles into L1; per query the block's maximum, then one fused pass: exponent by
- *      one FMA (scale and maximum folded), 2^x by a degree-4 polynomial and vscalefps (exact
- *      range reduction, underflow to 0 without a clamp), the sum, the rounding to bf16 (as
- *      ATen's paths round probabilities before their second product); then p v on the tiles, up
- *      to four 16-dim output tiles per p load, and the running output rescaled in fp32 when the
- *      maximum grows (online softmax); divided by the sum and rounded once at the end.
+ *   2. per (row, head), the queries in groups of 8 tiles of 16, and for each group the keys in
+ *      blocks of 128 (the block's packed k and v stay in L1 while every tile of the group takes
+ *      its turn): a tile's 16 x 128 raw scores from the tiles into L1; per query the block's
+ *      maximum, then one fused pass: exponent by one FMA (scale and maximum folded), 2^x by
+ *      vreduceps, a degree-3 polynomial and vscalefps (exact range reduction, underflow to 0
+ *      without a clamp), the rounding to bf16 (as ATen's paths round probabilities before their
+ *      second product); then p v on the tiles, up to four 16-dim output tiles per p load, and
+ *      the running output rescaled in fp32 when the maximum grows (online softmax); divided by
+ *      the sum and rounded once at the end. The sums come from the tile product itself where d
+ *      leaves padding (a column of ones in v), else from the softmax pass.
  * Built only where the compiler targets AMX-BF16 and AVX-512 BF16; the process asks the kernel
  * for the tile state once (arch_prctl, as every AMX user on Linux must). Elsewhere, or if the
  * kernel refuses, aa_flash_attention_amx returns -3 and the caller keeps its other paths. */
