@@ -209,6 +209,9 @@ def test_int8_precision_choice(monkeypatch):
     assert ovb.choose_precision() == ("bf16", "CPU lists BF16")  # auto never quantizes
     assert ovb.choose_precision(None, ("int8", "asked for")) == ("int8", "built for int8")
     assert ovb.inference_hint("int8") == "bf16" and ovb.keep_f32("int8") == ovb.KEEP_F32
+    monkeypatch.setattr(ovb, "int8_support", lambda: "amx_int8")  # an f32 rest there (the build's check)
+    assert ovb.inference_hint("int8") == "f32" and ovb.keep_f32("int8") is None
+    monkeypatch.setattr(ovb, "int8_support", lambda: "avx512_vnni")
     monkeypatch.setattr(ovb, "cpu_capabilities", lambda: ("FP32", "INT8"))
     assert ovb.inference_hint("int8") == "f32" and ovb.keep_f32("int8") is None
     monkeypatch.setattr(ovb, "int8_support", lambda: None)
