@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "flash_common.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -43,9 +44,7 @@ typedef struct {
 
 static inline const uint16_t *key_row(const FA *A, const uint16_t *own, long ob_, long on_,
                                       const uint16_t *shared, long sn, long b, long h, long t) {
-    if (t < A->M) return own + b * ob_ + t * on_ + h * A->d;
-    if (t < A->T) return shared + (t - A->M) * sn + h * A->d;
-    return NULL;
+    return aa_flash_key_row(own, ob_, on_, shared, sn, A->M, A->T, A->d, b, h, t);
 }
 
 static int pack_items(void *ctx, long i0, long i1) {
@@ -199,8 +198,7 @@ int aa_flash_attention(const void *q, long qb, long qn, const void *k, long kb, 
                        void *out, long ob, long on, long B, long N, long M, long M2, long H, long d,
                        float scale, int threads) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    if (B < 1 || N < 1 || M < 1 || M2 < 0 || H < 1 || d < 2 || d % 2 || d > 256 || (M2 && (!kr || !vr)))
-        return -2;
+    if (!aa_flash_args_ok(B, N, M, M2, H, d, kr, vr)) return -2;
     FA A = {q, k, v, kr, vr, out, qb, qn, kb, kn, vb, vn, krn, vrn, ob, on, B, N, M, M2, H, d, scale};
     A.T = M + M2;
     A.nks = (A.T + KS - 1) / KS;

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "flash_common.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -79,9 +80,7 @@ typedef struct {
 
 static inline const uint16_t *key_row(const FA *A, const uint16_t *own, long ob_, long on_,
                                       const uint16_t *shared, long sn, long b, long h, long t) {
-    if (t < A->M) return own + b * ob_ + t * on_ + h * A->d;
-    if (t < A->T) return shared + (t - A->M) * sn + h * A->d;
-    return NULL;
+    return aa_flash_key_row(own, ob_, on_, shared, sn, A->M, A->T, A->d, b, h, t);
 }
 
 /* k into [key tile][dim chunk] blocks of 16 rows (dim pairs) x 16 keys, each a uint32 pair;
@@ -351,8 +350,7 @@ int aa_flash_attention_amx(const void *q, long qb, long qn, const void *k, long 
                            void *out, long ob, long on, long B, long N, long M, long M2, long H, long d,
                            float scale, int threads) {
 #ifdef AA_HAVE_AMX
-    if (B < 1 || N < 1 || M < 1 || M2 < 0 || H < 1 || d < 2 || d % 2 || d > 256 || (M2 && (!kr || !vr)))
-        return -2;
+    if (!aa_flash_args_ok(B, N, M, M2, H, d, kr, vr)) return -2;
     if (tiles_permitted() != 0) return -3;
     FA A = {q, k, v, kr, vr, out, qb, qn, kb, kn, vb, vn, krn, vrn, ob, on, B, N, M, M2, H, d, scale};
     A.T = M + M2;
