@@ -333,3 +333,27 @@ def test_cli_run_on_engine_dir_equals_torch(built, ckpt, tmp_path, capsys):
     same = np.abs(a["pixels"].astype(int) - b["pixels"].astype(int)).mean()
     other = np.abs(a["pixels"].astype(int) - c["pixels"].astype(int)).mean()
     assert same < 3 and other > 5 * same, (same, other)
+
+
+def test_geglu_exports_as_two_gemms_without_a_split(tmp_path):
+    """An exported GEGLU is the projection's two halves as two GEMMs (OpenVINO fuses the gelu and
+    the product into them; a split of one wide output ran as its slow reference kernel), and
+    computes what the module computes."""
+    import onnx
+    import onnxruntime as ort
+
+    from aa_trt.models.layers import GEGLU
+
+    torch.manual_seed(0)
+    m = GEGLU(16, 24).eval()
+    x = torch.randn(2, 5, 16)
+    path = tmp_path / "geglu.onnx"
+    with torch.no_grad():
+        want = m(x)  # the plain path outside export (autograd off, no tracing)
+        torch.onnx.export(m, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+                          do_constant_folding=True, dynamo=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Split" not in ops, ops
+    assert ops.count("MatMul") + ops.count("Gemm") == 2, ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() < 1e-5

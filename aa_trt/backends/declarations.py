@@ -21,8 +21,9 @@ KV_INPUTS, KV_OUTPUTS = ("unet_cond",), ("reference_kv",)
 # In every graph's key: bumped when the exported computation changes for the same weights and
 # names, so that older graphs are exported again. 2: the UNet's timestep embedding takes sin/cos
 # before any reshape of the timestep (models.layers.timestep_embedding). 3: the cross-attention of
-# a one-token context is to_out(to_v(context)) (TransformerBlock.cross_attention).
-GRAPH_REVISION = 3
+# a one-token context is to_out(to_v(context)) (TransformerBlock.cross_attention). 4: GEGLU's
+# projection is two GEMMs (value, gate) instead of one split in two (models.layers.GEGLU).
+GRAPH_REVISION = 4
 
 
 def kv_name(kind: str, block: int) -> str:
