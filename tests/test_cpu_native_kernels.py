@@ -31,7 +31,10 @@ def _check(got, want, dtype):
 @needs_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,heads", [((2, 16, 9, 3 * 40), 2), ((5, 24, 3 * 64), 4), ((3, 7, 4, 3 * 24), 3),
-                                         ((2, 32, 3, 3 * 16), 1), ((4, 17, 3 * 32), 2), ((1, 1, 2, 3 * 8), 2)])
+                                         ((2, 32, 3, 3 * 16), 1), ((4, 17, 3 * 32), 2), ((1, 1, 2, 3 * 8), 2),
+                                         # c a multiple of 16 (the AVX-512 build's rows): head dims 20
+                                         # and 80 (a partial 16-column chunk), 16 and 24 frames, 5
+                                         ((2, 16, 5, 3 * 160), 8), ((1, 24, 3, 3 * 160), 2), ((3, 5, 2, 3 * 48), 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_motion_attention_matches_float64(dtype, shape, heads, with_bias):
     g = torch.Generator().manual_seed(1)
