@@ -187,7 +187,7 @@ def _motion_kernel_chosen(qkv: torch.Tensor, heads: int, bias: torch.Tensor | No
     if not native.supported(qkv, heads, bias):
         return False
     shape = "x".join(map(str, qkv.shape[1:]))
-    key = f"motion_attention:{str(qkv.dtype).removeprefix('torch.')}:{shape}:h{heads}:b{int(bias is not None)}"
+    key = f"motion_attention:v2:{str(qkv.dtype).removeprefix('torch.')}:{shape}:h{heads}:b{int(bias is not None)}"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
