@@ -5,7 +5,9 @@ render of a reference and a driving video at the build's size.
 What is quantized (QUANTIZED): unet_cond and unet_uncond, the graphs that run steps x windows x 2
 times a video. The others run once a video (CLIP, VAE encoder, PoseGuider, reference K/V) or once
 a chunk of frames (VAE decoder) and stay at the build's other precision (`ovb.inference_hint`: bf16
-where the CPU lists BF16, else f32): see docs/performance.md for what the VAE decoder measured.
+where the CPU lists BF16, else f32): see docs/performance.md for what the VAE decoder measured. The
+nodes a quantized graph leaves unquantized run in that precision too, unless the graph misses its
+check so and is compiled again with them in f32 (export.openvino.compile_graphs).
 
 Calibration (`record`): the torch path (fp32) renders `steps` DDIM steps of the first `frames`
 frames of the calibration video (the build's window: one window, the graphs' "opt" point) at the

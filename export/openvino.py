@@ -108,7 +108,9 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
     its blob in `out_dir`, checked against torch; blobs still matching (same graph key and files,
     same OpenVINO, same precision; for int8 graphs the same calibration) are reused. int8: the
     graphs of int8.QUANTIZED are quantized on `calibrator`'s recording (an int8.Calibrator, asked
-    only when one of them is compiled), the others compiled in `ovb.inference_hint("int8")`."""
+    only when one of them is compiled), the others compiled in `ovb.inference_hint("int8")`; an
+    int8 graph that misses its check is compiled again with its unquantized nodes in
+    `ovb.INT8_REST_FALLBACK` (its entry's "rest")."""
     from aa_trt.export import int8
 
     out_dir = Path(out_dir)
@@ -147,33 +149,48 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
 
             def quantize(model, samples=samples):
                 return int8.quantize(model, samples)
-        t = time.perf_counter()
-        compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, graph_precision, threads,
-                                       f16_weights=weights == "f16", quantize=quantize)
-        compile_s = time.perf_counter() - t
-        size = compiled.export(blob)
-        del compiled
-        t = time.perf_counter()
-        graph = ovb.OvGraph.load(blob, names, graph_precision, threads)  # verify what `run` will load
-        load_s = time.perf_counter() - t
-        t = time.perf_counter()
-        r = compare(spec, graph, graph_precision)
-        rc = _on_calibration(spec, graph, samples) if samples else None
-        verify_s = time.perf_counter() - t
-        for what, res in (("random inputs", r), ("calibration inputs", rc)):
-            if res is not None and not res["ok"]:
-                blob.unlink()
-                raise ExportError(f"{name}: OpenVINO {graph_precision} differs from PyTorch on {what} (max "
-                                  f"abs {res['max_abs_error']:.3g}, relative L2 {res['rel_l2']:.3g}; "
-                                  f"tolerance {_limit(spec, graph_precision, res is rc)})")
+        # An int8 graph that misses its check with the build's rest is tried again with an f32
+        # rest (ovb.inference_hint says where and why), recorded in its entry as "rest".
+        rests = [None] + ([ovb.INT8_REST_FALLBACK] if graph_precision == "int8" and hint != ovb.INT8_REST_FALLBACK
+                          else [])
+        for attempt, rest in enumerate(rests):
+            t = time.perf_counter()
+            compiled = ovb.OvGraph.compile(out_dir / f"{name}.onnx", names, graph_precision, threads,
+                                           f16_weights=weights == "f16" and rest is None, quantize=quantize,
+                                           rest=rest)
+            compile_s = time.perf_counter() - t
+            size = compiled.export(blob)
+            del compiled
+            t = time.perf_counter()
+            graph = ovb.OvGraph.load(blob, names, graph_precision, threads, rest)  # what `run` will load
+            load_s = time.perf_counter() - t
+            t = time.perf_counter()
+            r = compare(spec, graph, graph_precision)
+            rc = _on_calibration(spec, graph, samples) if samples else None
+            verify_s = time.perf_counter() - t
+            failed = [(what, res) for what, res in (("random inputs", r), ("calibration inputs", rc))
+                      if res is not None and not res["ok"]]
+            if not failed:
+                break
+            what, res = failed[0]
+            problem = (f"OpenVINO {graph_precision} differs from PyTorch on {what} (max abs "
+                       f"{res['max_abs_error']:.3g}, relative L2 {res['rel_l2']:.3g}; tolerance "
+                       f"{_limit(spec, graph_precision, res is rc)})")
+            blob.unlink()
+            if attempt + 1 == len(rests):
+                raise ExportError(f"{name}: {problem}" + (" with either rest" if len(rests) > 1 else ""))
+            log(f"{name}: {problem} with its unquantized nodes in {hint}; again with them in {rests[attempt + 1]}")
         part["graphs"][name] = {
             "file": blob.name, "size": size, "precision": graph_precision, "graph_key": entry["key"],
             "graph_files": entry["files"], "compile_s": round(compile_s, 3), "load_s": round(load_s, 3),
             "verify_s": round(verify_s, 3), "max_abs_error": r["max_abs_error"], "ref_max_abs": r["ref_max_abs"],
             "rel_l2": r["rel_l2"], "verified_at": "opt"}
+        if rest is not None:
+            part["graphs"][name]["rest"] = rest
         if rc is not None:
             part["graphs"][name].update(calibration=cal_key, rel_l2_calibration=rc["rel_l2"])
-        log(f"{name}: OpenVINO {graph_precision} compiled in {compile_s:.1f} s, vs torch max abs error "
-            f"{r['max_abs_error']:.2e}, relative L2 {r['rel_l2']:.2e}"
+        log(f"{name}: OpenVINO {graph_precision} compiled in {compile_s:.1f} s"
+            + (f" (unquantized nodes in {rest})" if rest is not None else "")
+            + f", vs torch max abs error {r['max_abs_error']:.2e}, relative L2 {r['rel_l2']:.2e}"
             + (f" (calibration inputs: {rc['rel_l2']:.2e})" if rc is not None else ""))
     return part

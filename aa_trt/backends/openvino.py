@@ -72,13 +72,18 @@ def int8_support() -> str | None:
 
 def inference_hint(precision: str) -> str:
     """The CPU plugin's INFERENCE_PRECISION_HINT for graphs of a `precision` build: itself for
-    bf16 and f32; for int8 the precision of what is not quantized: bf16 where the CPU lists BF16
-    and its int8 unit is VNNI, else f32. On an AMX-INT8 CPU (OpenVINO 2026.4) the int8 graphs
-    with a bf16 rest missed the build's check (the tiny preset's unet_cond: relative L2 0.257 on
-    calibration inputs against 0.07-0.08 on a VNNI CPU); with an f32 rest they pass."""
+    bf16 and f32; for int8 the precision of what is not quantized: bf16 where the CPU lists BF16,
+    else f32. An int8 graph whose check fails with a bf16 rest is compiled again with an f32 rest
+    (`INT8_REST_FALLBACK`, recorded per graph as "rest"): on an AMX-INT8 CPU (OpenVINO 2026.4) the
+    tiny preset's unet_cond with a bf16 rest came out at relative L2 0.257 on calibration inputs
+    against 0.07-0.08 on a VNNI CPU, while the sd15 half-width graphs pass with it."""
     if precision != "int8":
         return precision
-    return "bf16" if "BF16" in cpu_capabilities() and int8_support() != "amx_int8" else "f32"
+    return "bf16" if "BF16" in cpu_capabilities() else "f32"
+
+
+# The rest an int8 graph is compiled with again when its check fails with the build's own.
+INT8_REST_FALLBACK = "f32"
 
 
 def choose_precision(precision: str | None = None, built: tuple[str, str] | None = None) -> tuple[str, str]:
@@ -108,10 +113,12 @@ def choose_precision(precision: str | None = None, built: tuple[str, str] | None
     return "f32", "CPU does not list BF16"
 
 
-def compile_config(precision: str, threads: int | None = None) -> dict:
+def compile_config(precision: str, threads: int | None = None, rest: str | None = None) -> dict:
     """The CPU plugin's settings: the precision stated explicitly (OpenVINO's own default is bf16
-    on BF16 CPUs; an int8 graph's unquantized nodes: `inference_hint`), one stream, latency-first."""
-    cfg = {"INFERENCE_PRECISION_HINT": inference_hint(precision), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    on BF16 CPUs; an int8 graph's unquantized nodes: `rest`, else `inference_hint`), one stream,
+    latency-first."""
+    hint = rest if precision == "int8" and rest else inference_hint(precision)
+    cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     return cfg
@@ -232,31 +239,33 @@ class OvGraph:
 
     @classmethod
     def compile(cls, onnx_path, names, precision: str, threads: int | None = None,
-                f16_weights: bool = False, quantize=None) -> "OvGraph":
+                f16_weights: bool = False, quantize=None, rest: str | None = None) -> "OvGraph":
         """Compile an ONNX graph. f16_weights: store the weights in f16 (what `ov.save_model`'s
         compress_to_fp16 does; values beyond f16's range stay f32), which halves the compiled
         blob; for bf16 compute this costs nothing measurable (half-width sd15 UNet step: relative
         L2 to torch 1.02% either way, same time a call). quantize: for an int8 graph, a function
-        of the read model returning it quantized (aa_trt.export.int8.quantize)."""
+        of the read model returning it quantized (aa_trt.export.int8.quantize). rest: an int8
+        graph's unquantized precision when not `inference_hint("int8")`."""
         ov = import_openvino()
         core = ov.Core()
         model = core.read_model(str(onnx_path))
         if quantize is not None:
             model = quantize(model)
-        if inference_hint(precision) == "bf16":  # KEEP_F32
+        if compile_config(precision, rest=rest)["INFERENCE_PRECISION_HINT"] == "bf16":  # KEEP_F32
             model = keep_timestep_f32(core, model)
         if f16_weights:
             from openvino._offline_transformations import compress_model_transformation
 
             compress_model_transformation(model)
-        compiled = core.compile_model(model, DEVICE, compile_config(precision, threads))
+        compiled = core.compile_model(model, DEVICE, compile_config(precision, threads, rest))
         return cls(compiled, names, onnx_path)
 
     @classmethod
-    def load(cls, blob_path, names, precision: str, threads: int | None = None) -> "OvGraph":
+    def load(cls, blob_path, names, precision: str, threads: int | None = None,
+             rest: str | None = None) -> "OvGraph":
         ov = import_openvino()
         compiled = ov.Core().import_model(io.BytesIO(Path(blob_path).read_bytes()), DEVICE,
-                                          compile_config(precision, threads))
+                                          compile_config(precision, threads, rest))
         return cls(compiled, names, blob_path)
 
     def export(self, path) -> int:
@@ -339,7 +348,8 @@ class OvAnimator(GraphAnimator):
         threads = threads or torch.get_num_threads()
         # An int8 build's graphs were each compiled for their own precision (int8 or the rest's).
         graphs = {g: OvGraph.load(Path(engine_dir) / part["graphs"][g]["file"], declared_names(g, n_kv),
-                                  part["graphs"][g].get("precision", precision), threads) for g in GRAPHS}
+                                  part["graphs"][g].get("precision", precision), threads,
+                                  part["graphs"][g].get("rest")) for g in GRAPHS}
         anim = cls(engine_dir, m, graphs, "cpu")
         anim.backend_name = f"openvino {precision}"
         anim.backend_reason = f"{reason}; {why}" if reason else why

@@ -89,6 +89,10 @@ def handle(args) -> int:
         if q:
             extra += (f" on {q['isa']}: {', '.join(q['quantized'])} in int8 (calibrated on "
                       f"{q['calibration'].get('samples', {}).get('unet_cond', '?')} samples), the rest {q['rest']}")
+            fallback = [f"{g}: its unquantized nodes in {e['rest']}" for g, e in m["openvino"]["graphs"].items()
+                        if e.get("rest")]
+            if fallback:
+                extra += f" ({'; '.join(fallback)})"
     elif m.get("engines"):
         extra = f", TensorRT engines ({m['precision']['engines']})"
     print(f"wrote {args.output}/manifest.json ({len(m['graphs'])} graphs{extra}) in {m['build_s']:.1f} s")
