@@ -49,6 +49,8 @@ def _variants() -> dict:
         "sq_off": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=-1))}, ()),
         "histogram": (("ex4",), {"advanced_parameters": AQP(activations_range_estimator_params=RE.HISTOGRAM)}, ()),
         "bmm": (("ex4",), {}, "BMM"),
+        # the landed scheme with the spatial transformers' attention (self, reference, cross) unquantized
+        "attn_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/attn[12]/.*")),
     }
 
 
