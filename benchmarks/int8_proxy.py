@@ -50,7 +50,9 @@ def _variants() -> dict:
         "histogram": (("ex4",), {"advanced_parameters": AQP(activations_range_estimator_params=RE.HISTOGRAM)}, ()),
         "bmm": (("ex4",), {}, "BMM"),
         # the landed scheme with the spatial transformers' attention (self, reference, cross) unquantized
-        "attn_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/attn[12]/.*")),
+        "attn_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*",
+                                     r".*/transformer_blocks\.\d+/(to_q|to_k|to_v|to_v_1|to_out\.0)/.*",
+                                     r".*/attentions\.\d+/transformer_blocks\.\d+/MatMul(_\d+)?")),
     }
 
 
