@@ -147,8 +147,14 @@ def compile_graphs(out_dir, specs: dict, manifest: dict, old: dict | None, preci
             samples = calibrator.get().samples[name]
             part["int8"]["calibration"] = {"key": calibrator.key, **calibrator.recorded.facts}
 
-            def quantize(model, samples=samples):
-                return int8.quantize(model, samples)
+            quantized = []
+
+            def quantize(model, samples=samples, quantized=quantized):
+                # NNCF runs once a graph: a compile again with an f32 rest (below) takes a copy of
+                # the same quantized model (the first compile compresses its own in place).
+                if not quantized:
+                    quantized.append(int8.quantize(model, samples))
+                return quantized[0].clone()
         # An int8 graph that misses its check with the build's rest is tried again with an f32
         # rest (ovb.inference_hint says where and why), recorded in its entry as "rest".
         rests = [None] + ([ovb.INT8_REST_FALLBACK] if graph_precision == "int8" and hint != ovb.INT8_REST_FALLBACK

@@ -222,18 +222,17 @@ static int run_rows(void *ctx, long r0, long r1) {
     const int wide = 0;
 #endif
     const long np = n > 16 ? 32 : 16;
-    /* vectors: qt (d, nv) | st (n, nv) | ot (nv); floats: x (n, 3c) + 16 | bias (n, 3c) | o (n, c)
+    /* vectors: qt (d, nv) | st (n, nv) | ot (nv); floats: x (n, 3c) | bias (n, 3c) | o (n, c)
      * | kt (c, np) | pm (n, np) | 16 zeros (the last three for the AVX-512 build) */
     size_t bytes = sizeof(vf) * (size_t)(d * nv + n * nv + nv)
-                   + sizeof(float) * (size_t)(2 * n * c3 + 16 + n * c + c * np + n * np + 16);
+                   + sizeof(float) * (size_t)(2 * n * c3 + n * c + c * np + n * np + 16);
     vf *qt = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!qt) return -1;
     vf *st = qt + d * nv, *ot = st + n * nv;
-    float *x = (float *)(ot + nv), *bias = x + n * c3 + 16, *o = bias + n * c3;
+    float *x = (float *)(ot + nv), *bias = x + n * c3, *o = bias + n * c3;
     float *kt = o + n * c, *pm = kt + c * np, *zeros = pm + n * np;
     memset(qt, 0, sizeof(vf) * (size_t)(d * nv));  /* the padding queries stay 0 */
     memset(zeros, 0, 16 * sizeof(float));
-    memset(x + n * c3, 0, 16 * sizeof(float));  /* a masked load's neighbours stay finite */
     if (T->bias) {  /* (3, heads, n, d) -> the rows' own layout (n, 3c), once per thread */
         const char *bsrc = (const char *)T->bias;
         for (long part = 0; part < 3; part++)
@@ -245,14 +244,6 @@ static int run_rows(void *ctx, long r0, long r1) {
     for (long r = r0; r < r1; r++) {
         const long b = r / T->P, p = r % T->P;
         const char *in = T->qkv + (size_t)(b * T->sb + p * T->sp) * esize;
-        if (r + 2 < r1) {  /* the entries of a row two ahead: n streams far apart, which the
-                              hardware prefetchers did not follow (4 GB/s at 2 threads without) */
-            const long b2 = (r + 2) / T->P, p2 = (r + 2) % T->P;
-            const char *ahead = T->qkv + (size_t)(b2 * T->sb + p2 * T->sp) * esize;
-            for (long t = 0; t < n; t++)
-                for (size_t off = 0; off < (size_t)c3 * esize; off += 64)
-                    __builtin_prefetch(ahead + (size_t)(t * T->sn) * esize + off);
-        }
         for (long t = 0; t < n; t++) {
             float *xt = x + t * c3;
             row_to_f32(xt, in + (size_t)(t * T->sn) * esize, c3, T->dtype);
