@@ -6,6 +6,7 @@ benchmark's 21. Run from the repository root:
     python -m benchmarks.int8_proxy variant DIR NAME...    # quantize, held-out relative L2
     python -m benchmarks.int8_proxy frames DIR NAME...     # frames PSNR with the int8 UNet graphs
     python -m benchmarks.int8_proxy speed DIR NAME...      # unet_cond call, bf16 / int8
+    python -m benchmarks.int8_proxy sensitivity DIR        # int8 weights per block: error, FLOPs
 
 `prepare` exports unet_cond / unet_uncond once (DIR/graphs), records the calibration the build
 records (the bundled example rendered for 4 DDIM steps, seed 0, CFG 3.5: DIR/cal/ex4.*.npz) and
@@ -53,6 +54,16 @@ def _variants() -> dict:
         "attn_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*",
                                      r".*/transformer_blocks\.\d+/(to_q|to_k|to_v|to_v_1|to_out\.0)/.*",
                                      r".*/attentions\.\d+/transformer_blocks\.\d+/MatMul(_\d+)?")),
+        # the landed scheme with weaker SmoothQuant: random weights have no outlier channels, so
+        # alpha 0.95 mostly moves the activations' range into the weights' rounding
+        **{f"sq{round(a * 100):03d}": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=a))},
+                                       "UNQUANTIZED_NODES") for a in (0.25, 0.5, 0.75)},
+        # the landed scheme with the outermost level (down_blocks.0, up_blocks.3) and conv_in /
+        # conv_out unquantized: `sensitivity` put most of the error per FLOP there
+        "outer_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*",
+                                      r".*/conv_in/.*", r".*/conv_out/.*")),
+        # the landed scheme with full (not fast) bias correction
+        "fbc_off": (("ex4",), {"fast_bias_correction": False}, "UNQUANTIZED_NODES"),
     }
 
 
@@ -256,6 +267,121 @@ def speed(root: Path, names: list[str], rounds: int = 3):
                                    "threads": torch.get_num_threads()})
 
 
+# Groups for `sensitivity`, as regular expressions over the graph's torch module paths: the UNet's
+# blocks, and the kinds of layer across all blocks. The motion modules are left out of both (the
+# landed scheme keeps them unquantized).
+SENSITIVITY_GROUPS = {
+    **{name: rf"unet\.{name}\..*" for name in
+       [f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(4)]},
+    "conv_in/out": r"unet\.conv_(in|out)",
+    "resnet convs": r".*\.resnets\.\d+\.conv(1|2|_shortcut)",
+    "up/down samplers": r".*\.(up|down)samplers\.\d+\.conv",
+    "proj_in/out": r".*\.attentions\.\d+\.proj_(in|out)",
+    "q/k/v/out": r".*\.attn\d\.(to_q|to_k|to_v|to_out\.0)",
+    "ff in (GEGLU)": r".*\.attentions\.\d+\..*\.ff\.net\.0\..*",
+    "ff out": r".*\.attentions\.\d+\..*\.ff\.net\.2",
+}
+
+
+def _rtn_int8(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 rounding to nearest (what OpenVINO's int8 weights are)."""
+    scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / 127
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return (w / scale.view(shape)).round().clamp(-127, 127) * scale.view(shape)
+
+
+def _fake_u8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per-tensor asymmetric 8-bit rounding of an activation to the range [lo, hi]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-12) / 255
+    zero = round(-lo / scale)
+    return ((x / scale).round() + zero).clamp(0, 255).sub(zero).mul(scale)
+
+
+class _Gemms(torch.overrides.TorchFunctionMode):
+    """Sees every F.linear / F.conv2d call on the named weights (the UNet under fused.plain(),
+    where each layer runs as one of those): records its FLOPs and its input's min and max, and
+    rounds the inputs of the layers in `quantized` to their u8 ranges."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self.names = {id(w): n for n, w in weights.items()}
+        self.flops: dict[str, float] = {}
+        self.ranges: dict[str, list] = {}
+        self.unmapped = 0.0
+        self.quantized: dict[str, tuple] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.linear, torch.nn.functional.conv2d):
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            name = self.names.get(id(w))
+            if name in self.quantized:
+                args = (_fake_u8(x, *self.quantized[name]),) + tuple(args[1:])
+            out = func(*args, **kwargs)
+            flop = 2.0 * w[0].numel() * out.numel()
+            if name is None:
+                self.unmapped += flop
+            else:
+                self.flops[name] = flop
+                self.ranges.setdefault(name, []).append((float(x.min()), float(x.max())))
+            return out
+        return func(*args, **kwargs)
+
+
+def sensitivity(root: Path, steps=(0, 2)):
+    """Per group of SENSITIVITY_GROUPS: the relative L2 to torch fp32 of each UNet graph on the
+    held-out samples `steps` with only that group's Linear / Conv2d layers rounded as int8 runs
+    them: their weights (per-channel symmetric), their inputs (per-tensor asymmetric, ranges the
+    mean over the calibration samples of each sample's min and max, NNCF's default), and both;
+    and those layers' GEMM FLOPs in one call: which groups give the most int8 FLOPs for the least
+    error (DIR/sensitivity.jsonl). No SmoothQuant: this ranks groups, the `variant` measures.
+    Runs the plain computation (fused.plain(): every layer one F.linear / F.conv2d)."""
+    import re
+
+    from aa_trt import fused
+
+    models = _models()
+    specs = _specs(models)
+    for g in GRAPH_NAMES:
+        module = specs[g].module.eval()
+        names = specs[g].input_names
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                  and ".motion_modules." not in n and "time_emb" not in n}
+        gemms = _Gemms({n: m.weight for n, m in layers.items()})
+
+        def call(inputs):
+            with torch.no_grad(), fused.plain(), gemms:
+                return module(*(torch.from_numpy(inputs[n]) for n in names)).numpy()
+
+        for inputs, _ in _load(root / "cal" / "ex4", g):
+            call(inputs)
+        layers = {n: m for n, m in layers.items() if n in gemms.ranges}  # attn1's to_k/to_v: not with a K/V cache
+        bounds = {n: tuple(np.mean(gemms.ranges[n], axis=0)) for n in layers}
+        total = sum(gemms.flops.values())
+        samples = [_load(root / "cal" / "held1", g)[i] for i in steps]
+        _append(root / "sensitivity.jsonl", {"graph": g, "group": "all (no motion modules)", "layers": len(layers),
+                                             "gflop": round(total / 1e9, 2),
+                                             "unmapped_gflop": round(gemms.unmapped / 1e9 / 4, 2),
+                                             "plain": [round(_rel(call(i), out), 5) for i, out in samples]})
+        for group, pattern in {"all": ".*", **SENSITIVITY_GROUPS}.items():
+            chosen = {n: m for n, m in layers.items() if re.fullmatch(pattern, n)}
+            line = {"graph": g, "group": group, "layers": len(chosen),
+                    "gflop": round(sum(gemms.flops[n] for n in chosen) / 1e9, 2),
+                    "flop_share": round(sum(gemms.flops[n] for n in chosen) / total, 4)}
+            for kind in ("weights", "inputs", "both"):
+                kept = {n: m.weight.data.clone() for n, m in chosen.items()}
+                if kind != "inputs":
+                    for m in chosen.values():
+                        m.weight.data = _rtn_int8(m.weight.data)
+                gemms.quantized = {n: bounds[n] for n in chosen} if kind != "weights" else {}
+                line[kind] = [round(_rel(call(inputs), out), 5) for inputs, out in samples]
+                gemms.quantized = {}
+                for n, m in chosen.items():
+                    m.weight.data = kept[n]
+            _append(root / "sensitivity.jsonl", line)
+
+
 def _append(path: Path, line: dict):
     print(json.dumps(line), flush=True)
     with open(path, "a") as f:
@@ -264,7 +390,7 @@ def _append(path: Path, line: dict):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("prepare", "variant", "frames", "speed"))
+    p.add_argument("command", choices=("prepare", "variant", "frames", "speed", "sensitivity"))
     p.add_argument("dir", type=Path, help="the proxy's folder (graphs, samples, blobs, results)")
     p.add_argument("names", nargs="*", help="variants (variant: former, landed, minmax, sq_off, histogram, bmm)")
     args = p.parse_args(argv)
@@ -275,6 +401,8 @@ def main(argv=None) -> int:
             variant(args.dir, name)
     elif args.command == "frames":
         frames(args.dir, args.names)
+    elif args.command == "sensitivity":
+        sensitivity(args.dir)
     else:
         speed(args.dir, args.names)
     return 0
