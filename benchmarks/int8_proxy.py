@@ -33,6 +33,7 @@ import torch
 
 FRAMES, SIZE, STEPS, GUIDANCE = 16, 256, 4, 3.5
 GRAPH_NAMES = ("unet_cond", "unet_uncond")
+MOTION = r".*/motion_modules\.\d+/.*"
 
 
 def _variants() -> dict:
@@ -45,7 +46,9 @@ def _variants() -> dict:
         # the former scheme: export.int8.quantize before the motion modules were left unquantized
         "former": (("ex4",), {}, ()),
         # what export.int8.quantize does now
-        "landed": (("ex4",), {}, "UNQUANTIZED_NODES"),
+        "landed": (("ex4",), {}, "LANDED"),
+        # the scheme landed before: the motion modules alone unquantized
+        "motion": (("ex4",), {}, (MOTION,)),
         "minmax": (("ex4",), {"advanced_parameters": AQP(activations_range_estimator_params=RE.MINMAX)}, ()),
         "sq_off": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=-1))}, ()),
         "histogram": (("ex4",), {"advanced_parameters": AQP(activations_range_estimator_params=RE.HISTOGRAM)}, ()),
@@ -57,13 +60,22 @@ def _variants() -> dict:
         # the landed scheme with weaker SmoothQuant: random weights have no outlier channels, so
         # alpha 0.95 mostly moves the activations' range into the weights' rounding
         **{f"sq{round(a * 100):03d}": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=a))},
-                                       "UNQUANTIZED_NODES") for a in (0.25, 0.5, 0.75)},
+                                       (MOTION,)) for a in (0.25, 0.5, 0.75)},
         # the landed scheme with the outermost level (down_blocks.0, up_blocks.3) and conv_in /
         # conv_out unquantized: `sensitivity` put most of the error per FLOP there
         "outer_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*",
                                       r".*/conv_in/.*", r".*/conv_out/.*")),
+        # outer_bf16 with the spatial transformers' proj_in / proj_out and feed-forward output
+        # (its input, GEGLU's product, is heavy-tailed) unquantized at every level
+        "outer_io": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*",
+                                    r".*/conv_in/.*", r".*/conv_out/.*", r".*/attentions\.\d+/proj_(in|out)/.*",
+                                    r".*/attentions\.\d+/transformer_blocks\.\d+/ff/MatMul")),
+        # outer_io with the next up block (up_blocks.2: its upsampler writes the outermost level)
+        "outer2": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.[23]/.*",
+                                  r".*/conv_in/.*", r".*/conv_out/.*", r".*/attentions\.\d+/proj_(in|out)/.*",
+                                  r".*/attentions\.\d+/transformer_blocks\.\d+/ff/MatMul")),
         # the landed scheme with full (not fast) bias correction
-        "fbc_off": (("ex4",), {"fast_bias_correction": False}, "UNQUANTIZED_NODES"),
+        "fbc_off": (("ex4",), {"fast_bias_correction": False}, (MOTION,)),
     }
 
 
@@ -174,8 +186,8 @@ def _quantize(model, samples, kwargs: dict, extra):
 
     names = set(timestep_nodes(model, int8.UNQUANTIZED_INPUTS))
     patterns = []
-    if extra == "UNQUANTIZED_NODES":
-        patterns = list(int8.UNQUANTIZED_NODES)
+    if extra == "LANDED":
+        patterns = list(int8.unquantized_nodes(int8.unet_levels(model)))
     elif extra == "BMM":  # MatMuls of two activations (attention scores and their product with V)
         weights = ("Constant", "Convert", "FakeQuantize")
         names |= {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() == "MatMul"
