@@ -222,24 +222,29 @@ def quantize(model, samples: list[dict[str, np.ndarray]]):
     inputs: relative L2 to torch 51-53%; with these nodes unquantized: 18-37%, and 7-8% on the
     calibration inputs either way).
 
-    Also left unquantized (bf16 where the CPU lists BF16): the motion modules (UNQUANTIZED_NODES).
-    Measured at sd15 half widths (random weights, 16 frames, 32x32 latents, calibrated on the
-    bundled example's 4-step render; held out: the 4 steps of a render of random reference and
-    pose frames, seed 1; relative L2 to torch fp32 per graph, cond / uncond, mean over the 4
-    steps (benchmarks/int8_proxy.py); "frames": that render's frames, torch fp32 with the int8
+    Also left unquantized (bf16 where the CPU lists BF16): unquantized_nodes(levels). Measured at
+    sd15 half widths (random weights, 16 frames, 32x32 latents, calibrated on the bundled
+    example's 4-step render; held out: the 4 steps of a render of random reference and pose
+    frames, seed 1; relative L2 to torch fp32 per graph, cond / uncond, mean over the 4 steps
+    (benchmarks/int8_proxy.py `variant`); "frames": that render's frames, torch fp32 with the int8
     graphs as its UNet, PSNR against torch fp32; step: unet_cond call, bf16 / int8 time on the
-    2-core EPYC, three runs on a shared machine):
-      - everything quantized (the former scheme): 5.0% / 5.8%, frames 29.9 dB, step 1.23-1.42x;
-      - the motion modules unquantized: 4.7% / 5.5%, frames 30.8 dB, step 1.08-1.25x (chosen;
-        benchmarks/test_int8_speed.py: frames 30.7 dB, step 1.26x);
-      - SmoothQuant off: 5.2% / 6.6%; activation ranges the global min/max: 5.1% / 6.0%
-        (frames 30.0 dB); the attention's activation x activation MatMuls unquantized: 5.0% / 5.8%.
-    What limits it: every activation quantizer taken out of the quantized uncond graph (its int8
-    weights and SmoothQuant scales kept) still leaves it 4.6% off; the int8 weights alone (per-channel symmetric, no activation quantizer),
-    simulated in torch fp32, already put the uncond graph 2.4% off, the motion modules' share the
-    largest (1.9% alone; down_blocks.0 1.6%, up_blocks.3 1.5%, the others <= 1.5%), so no
-    single group kept in bf16 takes the error near the bf16 engine's ~1% without giving up most of
-    int8's speed (random weights: no outlier structure, every layer's error counts alike)."""
+    2-core EPYC with VNNI, no AMX, median of 3 alternating rounds):
+      - everything quantized (the first scheme): 5.0% / 5.8%, frames 29.9 dB, step 1.23-1.42x;
+      - the motion modules unquantized: 4.7% / 5.5%, frames 30.9 dB, step 1.19x;
+      - and the outermost level (down_blocks.0, up_blocks.3), conv_in/out: 2.8% / 3.8%, 34.1 dB;
+        and proj_in/out and the feed-forward output everywhere: 2.8% / 3.7%, 34.4 dB, 1.14x;
+      - and up_blocks.2 (chosen): 2.0% / 3.0%, frames 36.5 dB, step 1.07x;
+      - SmoothQuant alpha 0.5 or 0.25 instead of 0.95, SmoothQuant off, the global min/max as
+        ranges, the attention's activation x activation MatMuls unquantized: within 0.5 dB / 0.3
+        points of the motion-only scheme (none is the lever).
+    Which layers: `int8_proxy sensitivity` rounds one group of layers at a time as int8 would
+    (weights per channel, inputs per tensor to their calibration ranges), simulated in torch
+    fp32: every layer int8 puts unet_cond 3.75% off (inputs alone 3.45%, weights alone 1.62%:
+    the activations carry most of it), down_blocks.0 2.13% with 9.6% of the GEMM FLOPs,
+    up_blocks.3 2.18% with 19.5%, up_blocks.2 1.55% with 23.5%, conv_in/out 1.19% with 0.1%,
+    proj_in/out 1.44% with 3.9%, the feed-forward output 1.25% with 7.9%; the inner levels
+    (down_blocks.1-3, mid, up_blocks.0-1) 0.03-0.93% with 47% of the FLOPs. Errors injected at
+    the outermost resolution reach the output through the skip connections undamped."""
     from aa_trt.backends.openvino import timestep_nodes
 
     nncf = import_nncf()
