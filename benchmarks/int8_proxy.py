@@ -6,7 +6,7 @@ benchmark's 21. Run from the repository root:
     python -m benchmarks.int8_proxy variant DIR NAME...    # quantize, held-out relative L2
     python -m benchmarks.int8_proxy frames DIR NAME...     # frames PSNR with the int8 UNet graphs
     python -m benchmarks.int8_proxy speed DIR NAME...      # unet_cond call, bf16 / int8
-    python -m benchmarks.int8_proxy sensitivity DIR        # int8 weights per block: error, FLOPs
+    python -m benchmarks.int8_proxy sensitivity DIR        # error per group of layers, FLOPs
 
 `prepare` exports unet_cond / unet_uncond once (DIR/graphs), records the calibration the build
 records (the bundled example rendered for 4 DDIM steps, seed 0, CFG 3.5: DIR/cal/ex4.*.npz) and
@@ -33,7 +33,6 @@ import torch
 
 FRAMES, SIZE, STEPS, GUIDANCE = 16, 256, 4, 3.5
 GRAPH_NAMES = ("unet_cond", "unet_uncond")
-MOTION = r".*/motion_modules\.\d+/.*"
 
 
 def _variants() -> dict:
@@ -42,10 +41,17 @@ def _variants() -> dict:
     from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters as SQ
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet as RE
 
+    from aa_trt.export.int8 import MOTION_MODULES as MOTION
+
+    # the outermost level of sd15's 4 (down_blocks.0, up_blocks.3) and conv_in / conv_out
+    outer = (MOTION, r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*", r".*/conv_in/.*", r".*/conv_out/.*")
+    # the spatial transformers' proj_in / proj_out and feed-forward output (its input, GEGLU's
+    # product, is heavy-tailed) at every level
+    io = (r".*/attentions\.\d+/proj_(in|out)/.*", r".*/attentions\.\d+/transformer_blocks\.\d+/ff/MatMul")
     return {
         # the former scheme: export.int8.quantize before the motion modules were left unquantized
         "former": (("ex4",), {}, ()),
-        # what export.int8.quantize does now
+        # what export.int8.quantize does now (outer_io and up_blocks.2)
         "landed": (("ex4",), {}, "LANDED"),
         # the scheme landed before: the motion modules alone unquantized
         "motion": (("ex4",), {}, (MOTION,)),
@@ -53,28 +59,17 @@ def _variants() -> dict:
         "sq_off": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=-1))}, ()),
         "histogram": (("ex4",), {"advanced_parameters": AQP(activations_range_estimator_params=RE.HISTOGRAM)}, ()),
         "bmm": (("ex4",), {}, "BMM"),
-        # the landed scheme with the spatial transformers' attention (self, reference, cross) unquantized
-        "attn_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*",
-                                     r".*/transformer_blocks\.\d+/(to_q|to_k|to_v|to_v_1|to_out\.0)/.*",
+        # `motion` with the spatial transformers' attention (self, reference, cross) unquantized
+        "attn_bf16": (("ex4",), {}, (MOTION, r".*/transformer_blocks\.\d+/(to_q|to_k|to_v|to_v_1|to_out\.0)/.*",
                                      r".*/attentions\.\d+/transformer_blocks\.\d+/MatMul(_\d+)?")),
-        # the landed scheme with weaker SmoothQuant: random weights have no outlier channels, so
-        # alpha 0.95 mostly moves the activations' range into the weights' rounding
+        # `motion` with weaker SmoothQuant: random weights have no outlier channels, so alpha 0.95
+        # mostly moves the activations' range into the weights' rounding
         **{f"sq{round(a * 100):03d}": (("ex4",), {"advanced_parameters": AQP(smooth_quant_alphas=SQ(matmul=a))},
                                        (MOTION,)) for a in (0.25, 0.5, 0.75)},
-        # the landed scheme with the outermost level (down_blocks.0, up_blocks.3) and conv_in /
-        # conv_out unquantized: `sensitivity` put most of the error per FLOP there
-        "outer_bf16": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*",
-                                      r".*/conv_in/.*", r".*/conv_out/.*")),
-        # outer_bf16 with the spatial transformers' proj_in / proj_out and feed-forward output
-        # (its input, GEGLU's product, is heavy-tailed) unquantized at every level
-        "outer_io": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.3/.*",
-                                    r".*/conv_in/.*", r".*/conv_out/.*", r".*/attentions\.\d+/proj_(in|out)/.*",
-                                    r".*/attentions\.\d+/transformer_blocks\.\d+/ff/MatMul")),
-        # outer_io with the next up block (up_blocks.2: its upsampler writes the outermost level)
-        "outer2": (("ex4",), {}, (r".*/motion_modules\.\d+/.*", r".*/down_blocks\.0/.*", r".*/up_blocks\.[23]/.*",
-                                  r".*/conv_in/.*", r".*/conv_out/.*", r".*/attentions\.\d+/proj_(in|out)/.*",
-                                  r".*/attentions\.\d+/transformer_blocks\.\d+/ff/MatMul")),
-        # the landed scheme with full (not fast) bias correction
+        # `motion` and the outermost level: `sensitivity` put most of the error per FLOP there
+        "outer_bf16": (("ex4",), {}, outer),
+        "outer_io": (("ex4",), {}, outer + io),
+        # `motion` with full (not fast) bias correction
         "fbc_off": (("ex4",), {"fast_bias_correction": False}, (MOTION,)),
     }
 
@@ -366,15 +361,17 @@ def sensitivity(root: Path, steps=(0, 2)):
             with torch.no_grad(), fused.plain(), gemms:
                 return module(*(torch.from_numpy(inputs[n]) for n in names)).numpy()
 
-        for inputs, _ in _load(root / "cal" / "ex4", g):
+        calibration = _load(root / "cal" / "ex4", g)
+        for inputs, _ in calibration:
             call(inputs)
         layers = {n: m for n, m in layers.items() if n in gemms.ranges}  # attn1's to_k/to_v: not with a K/V cache
         bounds = {n: tuple(np.mean(gemms.ranges[n], axis=0)) for n in layers}
         total = sum(gemms.flops.values())
-        samples = [_load(root / "cal" / "held1", g)[i] for i in steps]
+        held = _load(root / "cal" / "held1", g)
+        samples = [held[i] for i in steps]
         _append(root / "sensitivity.jsonl", {"graph": g, "group": "all (no motion modules)", "layers": len(layers),
                                              "gflop": round(total / 1e9, 2),
-                                             "unmapped_gflop": round(gemms.unmapped / 1e9 / 4, 2),
+                                             "unmapped_gflop": round(gemms.unmapped / 1e9 / len(calibration), 2),
                                              "plain": [round(_rel(call(i), out), 5) for i, out in samples]})
         for group, pattern in {"all": ".*", **SENSITIVITY_GROUPS}.items():
             chosen = {n: m for n, m in layers.items() if re.fullmatch(pattern, n)}
@@ -404,7 +401,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("prepare", "variant", "frames", "speed", "sensitivity"))
     p.add_argument("dir", type=Path, help="the proxy's folder (graphs, samples, blobs, results)")
-    p.add_argument("names", nargs="*", help="variants (variant: former, landed, minmax, sq_off, histogram, bmm)")
+    p.add_argument("names", nargs="*", help="variants (_variants(): landed is what the build does)")
     args = p.parse_args(argv)
     if args.command == "prepare":
         prepare(args.dir)

@@ -179,6 +179,10 @@ def record(models, shapes, specs: dict, source: CalibrationSource,
 # Inputs whose own nodes stay unquantized (with the nodes computed from them alone): one row per
 # window, where int8 gains nothing.
 UNQUANTIZED_INPUTS = ("timestep", "context")
+# The motion modules' nodes (a regular expression over the exported graph's module paths).
+MOTION_MODULES = r".*/motion_modules\.\d+/.*"
+
+
 def unquantized_nodes(levels: int) -> tuple[str, ...]:
     """Node names (regular expressions over the exported graph's module paths) left unquantized in
     a UNet of `levels` resolution levels: the motion modules (temporal attention); the encoder's
@@ -187,7 +191,7 @@ def unquantized_nodes(levels: int) -> tuple[str, ...]:
     feed-forward output GEMM (its input, GEGLU's product, is heavy-tailed) everywhere. Where the
     error per int8 FLOP was largest (quantize's docstring)."""
     up = "|".join(str(i) for i in sorted({max(levels - 2, 0), levels - 1}))
-    return (r".*/motion_modules\.\d+/.*",
+    return (MOTION_MODULES,
             r".*/down_blocks\.0/.*", rf".*/up_blocks\.({up})/.*", r".*/conv_(in|out)/.*",
             r".*/attentions\.\d+/proj_(in|out)/.*", r".*/attentions\.\d+/transformer_blocks\.\d+/ff/(MatMul|Add)")
 

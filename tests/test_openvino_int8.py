@@ -65,7 +65,8 @@ def built(ckpt, tmp_path_factory):
 
 
 def _fails_once(compare, name: str):
-    """`compare` whose first check of graph `name` on calibration inputs reports a miss: the build
+    """`compare` whose checks of the first compiled graph `name` on calibration inputs report a miss
+    (all of them: the build keeps the worst of its samples): the build
     must then compile that graph again with its unquantized nodes in INT8_REST_FALLBACK (what a
     bf16 rest did to the tiny unet_cond on an AMX-INT8 CPU), on any CPU."""
     first = []  # the first compiled graph of `name`: all its calibration checks miss
@@ -97,7 +98,7 @@ def test_manifest_records_int8(built):
     assert cal["video"].endswith("dance.mp4") and cal["ref"].endswith("ref.png") and cal["nncf"] == nncf.__version__
     assert len(cal["key"]["video_sha256"]) == 64
     assert sum("int8 calibration:" in s for s in logs) == 1
-    forced = q["rest"] != ovb.INT8_REST_FALLBACK  # the fixture made unet_uncond's first check miss
+    forced = q["rest"] != ovb.INT8_REST_FALLBACK  # the fixture made unet_uncond's first compile miss
     if forced:
         assert part["graphs"]["unet_uncond"]["rest"] == ovb.INT8_REST_FALLBACK
         assert any(s.startswith("unet_uncond: OpenVINO int8 differs") and s.endswith(
